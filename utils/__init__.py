@@ -1,0 +1,1 @@
+"""Shared helpers: configuration, logging, data files and I/O."""

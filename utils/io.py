@@ -1,0 +1,64 @@
+"""Small, safe file I/O: JSONL reading with line numbers, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+class JsonlError(ValueError):
+    """A malformed JSONL line; the message names the file and the 1-based line number."""
+
+
+def iter_jsonl(path: PathLike, skip_bad: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield (line_number, object) for each non-empty line of a JSONL file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        JsonlError: a line that is not a JSON object (unless `skip_bad`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as err:
+                if skip_bad:
+                    continue
+                raise JsonlError(f"{path}:{lineno}: malformed JSONL line ({err}): {line[:80]!r}") from None
+            yield lineno, obj
+
+
+def read_jsonl(path: PathLike, skip_bad: bool = False) -> list[dict]:
+    return [obj for _, obj in iter_jsonl(path, skip_bad)]
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
