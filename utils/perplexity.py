@@ -1,0 +1,58 @@
+"""Perplexity with the protocol of GPTQ and the quantization literature.
+
+The text is tokenized once; the token stream is cut into non-overlapping windows of `seqlen`
+tokens (the remainder is dropped); each window is scored on its own (no context carried over);
+PPL = exp(mean next-token NLL over all scored tokens). `limit` keeps the first N windows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from utils.logging import progress_disabled
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """Token ids [N] of `text`, no special tokens added beyond what the tokenizer's call adds."""
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def make_windows(ids: torch.Tensor, seqlen: int, limit: Optional[int] = None) -> torch.Tensor:
+    """Non-overlapping windows [W, seqlen] of a token stream [N]; the tail shorter than seqlen is dropped."""
+    n = ids.numel() // seqlen
+    if limit is not None:
+        n = min(n, limit)
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl") -> tuple[float, int]:
+    """Sum of next-token NLL (float64) and number of predicted tokens over windows [W, T]."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=progress_disabled()):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total += nll.double().item()
+        count += batch[:, 1:].numel()
+    return total, count
+
+
+def perplexity(model, tokenizer, text: str, seqlen: int = 2048, limit: Optional[int] = None,
+               batch_size: int = 1) -> dict:
+    """{'ppl', 'nll', 'tokens', 'windows'} of `text` under `model` (see module docstring)."""
+    windows = make_windows(tokenize_stream(tokenizer, text), seqlen, limit)
+    was_training = model.training
+    model.eval()
+    total, count = window_nll(model, windows, batch_size)
+    model.train(was_training)
+    nll = total / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": len(windows)}
