@@ -5,6 +5,13 @@ is constructed, so a bad value fails before any model is touched. `QuantConfig.w
 friends turn it into frozen `QuantSpec`s, one per kind of tensor, that the quantizer modules hold.
 
 Bits: 2..8 quantize; 16 or 32 mean "off" (full precision). No other value is accepted.
+
+Weight formats: "minmax" (the paper's grid, shaped by w_symmetric / w_granularity / w_group_size)
+or a GGUF-faithful one, "gguf_q4_0" / "gguf_q8_0" (llama.cpp's Q4_0 / Q8_0: blocks of 32 along
+in_features, fp16 block scale; see `quant/gguf_formats.py`). A GGUF format fixes the whole grid:
+it needs w_bits equal to its own bit width (4 / 8) and takes blocks of 32 whatever w_granularity
+says (per_channel, the default, or per_group with w_group_size 32 are accepted; anything else is an
+error), so a model trained with it exports to that GGUF type without any loss.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ MIN_BITS, MAX_BITS = 2, 8
 GRANULARITIES = ("per_channel", "per_token", "per_group", "per_tensor")
 KV_GRANULARITIES = ("per_token", "per_head")
 KV_POSITIONS = ("pre_rope", "post_rope")
-WEIGHT_FORMATS = ("minmax",)
+GGUF_FORMATS = {"gguf_q4_0": 4, "gguf_q8_0": 8}  # format -> bits of its codes
+GGUF_BLOCK_SIZE = 32
+WEIGHT_FORMATS = ("minmax", *GGUF_FORMATS)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -48,6 +57,8 @@ class QuantSpec:
             per_group (groups of `group_size` along the last dim) or per_tensor.
         group_size: required for per_group.
         ste_clip: zero the gradient where |x| >= 2, as the original LLM-QAT code does.
+        format: "minmax", or a GGUF format ("gguf_q4_0" / "gguf_q8_0"), which needs its own bits,
+            symmetric=True and per_group granularity with group_size 32.
     """
 
     bits: int = 16
@@ -55,6 +66,7 @@ class QuantSpec:
     granularity: str = "per_channel"
     group_size: Optional[int] = None
     ste_clip: bool = False
+    format: str = "minmax"
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -63,6 +75,13 @@ class QuantSpec:
         if self.granularity == "per_group":
             if not isinstance(self.group_size, int) or self.group_size <= 0:
                 raise ValueError(f"per_group granularity needs a positive group_size, got {self.group_size!r}")
+        if self.format not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; choose one of {WEIGHT_FORMATS}")
+        if self.format in GGUF_FORMATS and self.enabled:
+            grid = (GGUF_FORMATS[self.format], True, "per_group", GGUF_BLOCK_SIZE)
+            if (self.bits, self.symmetric, self.granularity, self.group_size) != grid:
+                raise ValueError(f"format {self.format} needs bits={grid[0]}, symmetric=True, per_group with "
+                                 f"group_size={GGUF_BLOCK_SIZE}; got {self}")
 
     @property
     def enabled(self) -> bool:
@@ -90,7 +109,8 @@ class QuantConfig:
             (after RoPE, what a serving KV cache stores).
         ste_clip: reproduce the original code's gradient zeroing where |x| >= 2; the default is a
             pure identity straight-through estimator.
-        weight_format: grid of the weight quantizer; "minmax" is the paper's.
+        weight_format: grid of the weight quantizer; "minmax" is the paper's, "gguf_q4_0" /
+            "gguf_q8_0" are llama.cpp's Q4_0 / Q8_0 (see the module docstring).
         targets: names of the decoder linears to quantize.
     """
 
@@ -122,10 +142,24 @@ class QuantConfig:
             raise ValueError(f"unknown kv_position {self.kv_position!r}; use one of {KV_POSITIONS}")
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"unknown weight_format {self.weight_format!r}; use one of {WEIGHT_FORMATS}")
+        if self.weight_format in GGUF_FORMATS:
+            self._check_gguf_weight_format()
         self.targets = list(self.targets)
         self.weight_spec()  # validates group size
 
+    def _check_gguf_weight_format(self) -> None:
+        fmt, bits = self.weight_format, GGUF_FORMATS[self.weight_format]
+        if self.w_bits != bits:
+            raise ValueError(f"weight_format={fmt} is a {bits}-bit grid: set w_bits={bits} (got w_bits={self.w_bits})")
+        if not self.w_symmetric:
+            raise ValueError(f"weight_format={fmt} fixes its own grid: w_symmetric=False is not supported")
+        if self.w_granularity == "per_tensor" or self.w_group_size not in (None, GGUF_BLOCK_SIZE):
+            raise ValueError(f"weight_format={fmt} uses blocks of {GGUF_BLOCK_SIZE} along in_features: leave "
+                             f"w_granularity / w_group_size unset (got {self.w_granularity}, {self.w_group_size})")
+
     def weight_spec(self) -> QuantSpec:
+        if self.weight_format in GGUF_FORMATS:
+            return QuantSpec(self.w_bits, True, "per_group", GGUF_BLOCK_SIZE, self.ste_clip, self.weight_format)
         return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.ste_clip)
 
     def act_spec(self) -> QuantSpec:

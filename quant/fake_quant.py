@@ -14,6 +14,9 @@ cast back: the float64 product q * scale rounds back to the input's exact maximu
 largest magnitude is reproduced exactly and export (which calls these same functions) matches
 fake-quant bit for bit.
 
+Weight formats "gguf_q4_0" / "gguf_q8_0" (`spec.format`) swap the MinMax grid for llama.cpp's
+(`quant/gguf_formats.py`, float32 arithmetic); `quantize_codes` dispatches, the STE is shared.
+
 Gradient: identity straight-through, also at the slice maximum (no clamp gradient; the trap in
 pytorch/ao #4806). `ste_clip=True` zeroes the gradient where |x| >= 2, as the original LLM-QAT code.
 """
@@ -24,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from quant.config import QuantSpec
+from quant.config import GGUF_FORMATS, QuantSpec
+from quant.gguf_formats import CODE_RANGES, gguf_quantize_codes
 
 STE_CLIP_VAL = 2.0
 
@@ -86,11 +90,31 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
     return (q - zero_point) * scale
 
 
-def quantize_dequantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Forward value of fake quantization (no autograd): same shape and dtype as `x`."""
+def code_range(spec: QuantSpec) -> tuple[int, int]:
+    """(qmin, qmax) of the codes `quantize_codes` returns for `spec`."""
+    if spec.format in GGUF_FORMATS:
+        return CODE_RANGES[spec.format]
+    return int_range(spec.bits, spec.symmetric)
+
+
+def quantize_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes and qparams of `x` [..., N]: the one function fake-quant and export share.
+
+    Returns:
+        q: [..., S, L] codes (floats) of `group_view(x)`; scale, zero_point: [..., S, 1], in the
+        compute dtype (float32 for the GGUF formats). `dequantize(q, scale, zero_point)` reshaped
+        to x.shape and cast to x.dtype is the fake-quantized `x`.
+    """
+    if spec.format in GGUF_FORMATS:
+        return gguf_quantize_codes(x, spec.format)
     xg = group_view(x.to(compute_dtype(x.dtype)), spec.granularity, spec.group_size)
     scale, zero_point = compute_qparams(xg, spec.bits, spec.symmetric)
-    q = quantize(xg, scale, zero_point, *int_range(spec.bits, spec.symmetric))
+    return quantize(xg, scale, zero_point, *int_range(spec.bits, spec.symmetric)), scale, zero_point
+
+
+def quantize_dequantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Forward value of fake quantization (no autograd): same shape and dtype as `x`."""
+    q, scale, zero_point = quantize_codes(x, spec)
     return dequantize(q, scale, zero_point).reshape(x.shape).to(x.dtype)
 
 

@@ -3,12 +3,18 @@
 The text is tokenized once; the token stream is cut into non-overlapping windows of `seqlen`
 tokens (the remainder is dropped); each window is scored on its own (no context carried over);
 PPL = exp(mean next-token NLL over all scored tokens). `limit` keeps the first N windows.
+
+C4 (`c4_windows`) follows GPTQ's `get_c4`: with `random.seed(seed)`, 256 times draw a document at
+random until one is longer than `seqlen` tokens, then a random `seqlen`-token span of it. Locally
+the documents are the 2000-document validation subset of shared/data, so the windows (and the
+numbers) are not those of GPTQ's first validation shard.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import random
+from typing import Optional, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -46,13 +52,38 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "p
     return total, count
 
 
-def perplexity(model, tokenizer, text: str, seqlen: int = 2048, limit: Optional[int] = None,
-               batch_size: int = 1) -> dict:
-    """{'ppl', 'nll', 'tokens', 'windows'} of `text` under `model` (see module docstring)."""
-    windows = make_windows(tokenize_stream(tokenizer, text), seqlen, limit)
+def c4_windows(tokenizer, documents: Sequence[str], seqlen: int = 2048, n_windows: int = 256,
+               seed: int = 0, limit: Optional[int] = None) -> torch.Tensor:
+    """GPTQ-style random windows [W, seqlen] from `documents` (see module docstring).
+
+    Raises:
+        ValueError: no document is longer than `seqlen` tokens.
+    """
+    encoded = tokenizer(list(documents)).input_ids  # the same ids as tokenize_stream, all at once
+    if not any(len(ids) > seqlen for ids in encoded):
+        raise ValueError(f"no C4 document has more than seqlen={seqlen} tokens; use a smaller seqlen")
+    rng, windows = random.Random(seed), []
+    for _ in range(n_windows if limit is None else min(limit, n_windows)):
+        while True:
+            ids = encoded[rng.randint(0, len(encoded) - 1)]
+            if len(ids) > seqlen:
+                break
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(torch.tensor(ids[start : start + seqlen]))
+    return torch.stack(windows)
+
+
+def perplexity_of_windows(model, windows: torch.Tensor, batch_size: int = 1) -> dict:
+    """{'ppl', 'nll', 'tokens', 'windows'} of token windows [W, T], each scored on its own."""
     was_training = model.training
     model.eval()
     total, count = window_nll(model, windows, batch_size)
     model.train(was_training)
     nll = total / count
     return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": len(windows)}
+
+
+def perplexity(model, tokenizer, text: str, seqlen: int = 2048, limit: Optional[int] = None,
+               batch_size: int = 1) -> dict:
+    """{'ppl', 'nll', 'tokens', 'windows'} of `text` under `model` (see module docstring)."""
+    return perplexity_of_windows(model, make_windows(tokenize_stream(tokenizer, text), seqlen, limit), batch_size)

@@ -1,0 +1,146 @@
+"""Benchmark of one QAT-KD training step on SmolLM2-135M, one process, one fixed batch.
+
+    flock /tmp/llmqat_heavy.lock .venv/bin/python benchmarks/bench_train.py --seqlen 256 --steps 5
+
+Prints (1) step time of the W4A8KV8 fake-quant KD step vs the same KD step with the quantizers off
+(target ratio <= 1.3), with tokens/s; (2) peak memory of the KD loss + backward from fixed hidden
+states: our chunked loss vs the naive full-logits KL. On CPU the peak is the growth of the process's
+peak RSS (`ru_maxrss`), each variant measured in a fresh subprocess; on CUDA `max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models import dequantize_model, load_model, set_quantizers_enabled  # noqa: E402
+from quant.config import QuantConfig  # noqa: E402
+from utils.distill import DistillStudent, KDLoss, next_token_labels, teacher_hidden_states, token_kl  # noqa: E402
+from utils.datasets import wikitext2_text  # noqa: E402
+
+
+def fixed_batch(tokenizer, batch: int, seqlen: int) -> torch.Tensor:
+    ids = tokenizer(wikitext2_text("validation")[:200_000], return_tensors="pt").input_ids[0]
+    return ids[: batch * seqlen].view(batch, seqlen)
+
+
+def time_steps(model, teacher, optimizer, ids, steps: int) -> list[float]:
+    mask = torch.ones_like(ids)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        hidden = teacher_hidden_states(teacher, ids, mask)
+        model(ids, mask, hidden, teacher.get_output_embeddings())["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times[1:]
+
+
+def bench_step(args) -> dict:
+    torch.manual_seed(0)
+    student, tok = load_model(args.model, quant=QuantConfig(w_bits=4, a_bits=8, kv_bits=8))
+    teacher, _ = load_model(args.model)
+    dequantize_model(teacher)
+    teacher.eval().requires_grad_(False)
+    model = DistillStudent(student.train(), KDLoss(chunk_size=args.chunk))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the same weights in both timings
+    ids = fixed_batch(tok, args.batch, args.seqlen)
+    result = {}
+    for name, enabled in (("kd_fp", False), ("qat_kd_w4a8kv8", True)):
+        set_quantizers_enabled(student, enabled)
+        times = time_steps(model, teacher, optimizer, ids, args.steps)
+        result[name] = {"median_s": statistics.median(times), "tokens_per_s": ids.numel() / statistics.median(times)}
+    result["ratio"] = result["qat_kd_w4a8kv8"]["median_s"] / result["kd_fp"]["median_s"]
+    return result
+
+
+def naive_kd(hidden_s, head_s, hidden_t, head_t) -> torch.Tensor:
+    """Full [B, T, V] logits and KL at once (what the chunked loss avoids)."""
+    with torch.no_grad():
+        teacher_logits = head_t(hidden_t).float()
+    return token_kl(head_s(hidden_s).flatten(0, 1), teacher_logits.flatten(0, 1)).mean()
+
+
+def bench_memory_child(args) -> dict:
+    """Peak memory growth of loss + backward (run in a fresh process per variant on CPU)."""
+    from transformers import AutoConfig
+
+    from models.loading import convert_gguf, resolve_model
+
+    folder, gguf = resolve_model(args.model)
+    config = AutoConfig.from_pretrained(convert_gguf(Path(folder) / gguf) if gguf else folder)
+    vocab, width = config.vocab_size, config.hidden_size
+    torch.manual_seed(0)
+    head = torch.nn.Linear(width, vocab, bias=False)  # the model's head shape; no model load (its peak would hide ours)
+    hidden_s = torch.randn(args.batch, args.seqlen, width, requires_grad=True)
+    hidden_t = torch.randn(args.batch, args.seqlen, width)
+    labels = next_token_labels(torch.randint(0, vocab, (args.batch, args.seqlen)), torch.ones(args.batch, args.seqlen))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if args.memory_child == "naive":
+        loss = naive_kd(hidden_s, head, hidden_t, head)
+    else:
+        loss = KDLoss(chunk_size=args.chunk)(hidden_s, head, hidden_t, head, labels)["loss"]
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_growth_mib": (peak - base) / 1024, "seconds": seconds, "loss": float(loss)}
+
+
+def bench_memory(args) -> dict:
+    out = {}
+    for variant in ("naive", "chunked"):
+        cmd = [sys.executable, __file__, "--memory-child", variant, "--model", args.model, "--batch", str(args.batch),
+               "--seqlen", str(args.mem_seqlen), "--chunk", str(args.chunk)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--mem-seqlen", type=int, default=1024, help="tokens per sequence in the memory benchmark")
+    parser.add_argument("--fp32-quant", action="store_true",
+                        help="diagnostic: run the fake quantizer's arithmetic in float32 instead of float64")
+    parser.add_argument("--memory-child", choices=("naive", "chunked"))
+    parser.add_argument("--skip-step", action="store_true")
+    args = parser.parse_args()
+    if args.fp32_quant:
+        import quant.fake_quant as fq
+
+        fq.compute_dtype = lambda dtype: torch.float32
+    if args.memory_child:
+        print(json.dumps(bench_memory_child(args)))
+        return
+    result = {"batch": args.batch, "seqlen": args.seqlen, "chunk": args.chunk, "threads": torch.get_num_threads(),
+              "fp32_quant": args.fp32_quant, "mem_seqlen": args.mem_seqlen}
+    if not args.skip_step:
+        result["step"] = bench_step(args)
+        print(f"step: KD fp {result['step']['kd_fp']['median_s']:.3f} s, QAT-KD W4A8KV8 "
+              f"{result['step']['qat_kd_w4a8kv8']['median_s']:.3f} s, ratio {result['step']['ratio']:.2f}x "
+              f"(target <= 1.3x); {result['step']['qat_kd_w4a8kv8']['tokens_per_s']:.0f} tokens/s", flush=True)
+    mem = bench_memory(args)
+    result["memory"] = mem
+    print(f"loss memory (peak RSS growth, loss+backward, [{args.batch}x{args.mem_seqlen}] tokens): "
+          f"naive {mem['naive']['peak_growth_mib']:.0f} MiB vs chunked {mem['chunked']['peak_growth_mib']:.0f} MiB")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

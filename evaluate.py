@@ -1,0 +1,34 @@
+"""Perplexity (WikiText-2, C4) and zero-shot accuracy (8 tasks) of a full-precision or quantized model.
+
+    python evaluate.py model=smollm2-135m tasks=[wikitext2,piqa] limit=200 seqlen=2048 \
+        w_bits=4 a_bits=8 kv_bits=8 data_dir=../shared/data output=runs/eval/w4a8kv8.json
+    python evaluate.py model=runs/w4a8kv8/student     # a saved student: its quant config is used
+
+All settings: utils/evaluation.py `EvalConfig` (defaults), configs/eval.yaml (values), `key=value`.
+Without data_dir, $LLMQAT_DATA_DIR names the local data directory; without either, the HF hub.
+"""
+
+import sys
+
+from utils.config import ConfigError, load_config
+from utils.evaluation import EvalConfig, run
+from utils.logging import setup_logging
+
+
+def main(argv) -> int:
+    try:
+        cfg = load_config(EvalConfig, argv, default_yaml="configs/eval.yaml")
+    except ConfigError as err:
+        print(f"evaluate.py: {err}", file=sys.stderr)
+        return 2
+    setup_logging()
+    try:
+        run(cfg)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

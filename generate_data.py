@@ -1,0 +1,39 @@
+"""Data-free training data, one shard: the teacher generates from every start token of its slice.
+
+    CUDA_VISIBLE_DEVICES=0 python generate_data.py 0        # shard 0 -> gen_data/gen.chunk.00.jsonl
+    sh run_generate.sh 4                                     # shards 0..3 (one per GPU, or in turn on CPU)
+    python generate_data.py 2 model=smollm2-135m n_vocab=500 greedy_lengths=[3,4,5] max_length=2048 \
+        batch_size=32 seed=0 out_dir=gen_data
+    torchrun --nproc_per_node 8 generate_data.py             # no shard given: shard = $RANK ($SLURM_PROCID)
+
+A killed shard resumes where it stopped when run again. Then: python merge_gen_data.py.
+All settings: utils/generation.py `GenerateConfig` (defaults), configs/generate.yaml (values), `key=value`.
+"""
+
+import sys
+
+from utils.config import ConfigError, load_config
+from utils.generation import GenerateConfig, run
+from utils.io import JsonlError
+from utils.logging import setup_logging
+
+
+def main(argv) -> int:
+    if argv and argv[0].isdigit():  # the original's positional shard index
+        argv = [f"shard={argv[0]}", *argv[1:]]
+    try:
+        cfg = load_config(GenerateConfig, argv, default_yaml="configs/generate.yaml")
+    except ConfigError as err:
+        print(f"generate_data.py: {err}", file=sys.stderr)
+        return 2
+    setup_logging()
+    try:
+        run(cfg)
+    except (FileNotFoundError, JsonlError, ValueError) as err:
+        print(f"generate_data.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,273 @@
+"""GGUF export of a fake-quant Llama student, for llama.cpp and everything built on it.
+
+    write_gguf(model, tokenizer, "student.Q4_0.gguf", weight_type="q4_0")
+
+Decoder linears are written as Q4_0 / Q8_0 blocks computed by `quant.gguf_formats` (the functions
+the GGUF-faithful fake quantizer runs): from the latent weight when the student was trained in that
+very format (lossless by construction), else from its fake-quantized weight (what the student
+computes with), re-gridded. `f16` / `f32` write the effective weights unquantized (the input
+llama.cpp's own quantizer takes). Embeddings and a separate lm_head use `embed_type` (q8_0, f16 or
+f32); norms are F32. q_proj / k_proj rows are permuted to llama.cpp's RoPE layout (HF rotates
+half-split pairs, GGUF interleaved ones), as convert_hf_to_gguf.py's `LlamaModel.permute`; rows
+are whole 32-blocks, so permuting them commutes with quantizing. Metadata: general.architecture =
+llama, llama.* hyperparameters, and tokenizer.ggml.* either copied from an existing GGUF
+(`tokenizer_from`, e.g. the SmolLM2 file) or built from a gpt2-style byte-level BPE HF tokenizer.
+The file is written to a temporary name and renamed, so a failure leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from quant.config import GGUF_FORMATS
+from quant.gguf_formats import gguf_quantize_codes
+from quant.linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_TYPES = ("q4_0", "q8_0", "f16", "f32")
+EMBED_TYPES = ("q8_0", "f16", "f32")
+
+
+def _ggml_type(kind: str):
+    import gguf
+
+    return {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+            "f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}[kind]
+
+
+def _file_type(kind: str) -> int:
+    import gguf
+
+    return {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[kind]
+
+
+def encode_blocks(codes: torch.Tensor, scale: torch.Tensor, kind: str) -> np.ndarray:
+    """GGUF block bytes uint8 [rows, S * block_bytes] of codes [rows, S, 32] and scales [rows, S, 1].
+
+    Q4_0 block: fp16 d, then 16 bytes; byte j holds code j (low nibble) and code j + 16 (high).
+    Q8_0 block: fp16 d, then 32 int8 codes.
+    """
+    d = scale.to(torch.float16).view(torch.uint8)  # [rows, S, 2], little-endian fp16
+    if kind == "q4_0":
+        q = codes.to(torch.uint8)
+        qs = q[..., :16] | (q[..., 16:] << 4)
+    else:
+        qs = codes.to(torch.int8).view(torch.uint8)
+    return torch.cat((d, qs), dim=-1).flatten(1).numpy()
+
+
+def permute_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of q_proj / k_proj [n_head * D, in] from HF's half-split RoPE order to GGUF's pairs."""
+    pairs = weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+    return pairs.swapaxes(1, 2).reshape(weight.shape)
+
+
+def _rope_heads(name: str, config) -> Optional[int]:
+    leaf = name.rsplit(".", 2)[-2]
+    if leaf == "q_proj":
+        return config.num_attention_heads
+    if leaf == "k_proj":
+        return config.num_key_value_heads
+    return None
+
+
+def linear_weight_for_export(module: nn.Module, kind: str) -> tuple[torch.Tensor, bool]:
+    """(weight to write [out, in], lossless?) of a decoder linear for GGUF type `kind`.
+
+    The latent weight when the student's own grid is `kind` (its codes are the fake-quant codes),
+    else the weight the student computes with: fake-quantized if it has a weight quantizer.
+    """
+    if not isinstance(module, QuantLinear) or not module.weight_quantizer.spec.enabled:
+        return module.weight.detach(), kind in ("f16", "f32")
+    spec = module.weight_quantizer.spec
+    if spec.format == f"gguf_{kind}":
+        return module.weight.detach(), True
+    with torch.no_grad():
+        return module.weight_quantizer(module.weight), kind == "f32"
+
+
+def encode_tensor(weight: torch.Tensor, kind: str) -> np.ndarray:
+    """numpy data for GGUFWriter.add_tensor: block bytes for q4_0 / q8_0, floats for f16 / f32."""
+    if kind in ("f16", "f32"):
+        return weight.detach().to(torch.float16 if kind == "f16" else torch.float32).numpy()
+    codes, scale, _ = gguf_quantize_codes(weight.detach(), f"gguf_{kind}")
+    return encode_blocks(codes, scale, kind)
+
+
+def check_exportable(model: nn.Module, weight_type: str, embed_type: str) -> None:
+    """Raise ValueError / NotImplementedError for what this writer does not cover."""
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"unknown GGUF weight type {weight_type!r}; use one of {WEIGHT_TYPES}")
+    if embed_type not in EMBED_TYPES:
+        raise ValueError(f"unknown GGUF embedding type {embed_type!r}; use one of {EMBED_TYPES}")
+    config = model.config
+    if config.model_type != "llama":
+        raise NotImplementedError(f"GGUF export supports Llama models only, got model_type={config.model_type}")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise NotImplementedError("GGUF export of Llama models with linear biases is not supported")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"GGUF export of rope_type={rope.get('rope_type')} is not supported")
+
+
+def gguf_tensors(model: nn.Module, weight_type: str, embed_type: str) -> list[tuple[str, np.ndarray, str]]:
+    """[(gguf name, data, kind)] of every tensor to write; tied lm_head is left out (llama.cpp reuses
+    token_embd)."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    modules = dict(model.named_modules())
+    out, lossy = [], []
+    for key, param in model.state_dict().items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise NotImplementedError(f"no GGUF name for tensor {key}")
+        module = modules[key.rsplit(".", 1)[0]]
+        if isinstance(module, nn.Linear) and key not in ("lm_head.weight",):
+            weight, exact = linear_weight_for_export(module, weight_type)
+            kind = weight_type
+            lossy += [] if exact else [key]
+        else:
+            weight, kind = param.detach(), ("f32" if param.dim() == 1 else embed_type)
+        heads = _rope_heads(key, config)
+        if heads is not None:
+            weight = permute_rope(weight, heads)
+        out.append((name, encode_tensor(weight, kind), kind))
+    if lossy and weight_type in ("q4_0", "q8_0"):
+        logger.warning("%d linears are re-gridded to %s (the student was not trained in gguf_%s): the GGUF is "
+                       "close to, not equal to, the fake-quant student", len(lossy), weight_type, weight_type)
+    return out
+
+
+def add_hparams(writer, config, weight_type: str, name: str) -> None:
+    import gguf
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(_file_type(weight_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def copy_tokenizer_metadata(writer, source: Union[str, Path]) -> None:
+    """Copy every tokenizer.* key of an existing GGUF file (same vocabulary) into `writer`."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+
+
+def _tokenizer_json(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise NotImplementedError("GGUF export needs a fast (tokenizers) tokenizer, or tokenizer_from=<a .gguf>")
+    spec = json.loads(backend.to_str())
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    if spec["model"]["type"] != "BPE" or "ByteLevel" not in pre:
+        raise NotImplementedError("only gpt2-style byte-level BPE tokenizers are built from HF; pass "
+                                  "tokenizer_from=<a .gguf with this vocabulary> instead")
+    return spec
+
+
+def add_hf_tokenizer(writer, tokenizer, vocab_size: int, pre: str = "gpt-2") -> None:
+    """tokenizer.ggml.* of a gpt2-style byte-level BPE HF tokenizer (model "gpt2", merges, types).
+
+    Ids the tokenizer lacks up to the model's vocab_size become unused [PAD<i>] tokens.
+    """
+    import gguf
+
+    merges = _tokenizer_json(tokenizer)["model"]["merges"]
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    specials = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    added = set(tokenizer.added_tokens_decoder)
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        types.append(gguf.TokenType.CONTROL if i in specials else
+                     gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if not merges:  # GGUF has no empty arrays, and llama.cpp refuses a gpt2 vocabulary without merges
+        logger.warning("the tokenizer has no BPE merges: transformers reads this GGUF, llama.cpp will not")
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                      ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        if getattr(tokenizer, attr, None) is not None:
+            add(getattr(tokenizer, attr))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def write_gguf(model: nn.Module, tokenizer, path: Union[str, Path], weight_type: str = "q4_0",
+               embed_type: str = "q8_0", tokenizer_from: Optional[Union[str, Path]] = None,
+               name: str = "llmqat-student") -> Path:
+    """Write `model` (a Llama, fake-quant student or plain) as a llama.cpp GGUF file at `path`.
+
+    Args:
+        weight_type: decoder linears: q4_0 / q8_0 (GGUF grids), f16 / f32 (effective weights).
+        embed_type: token_embd (and an untied output) tensor type: q8_0, f16 or f32.
+        tokenizer_from: a .gguf whose tokenizer.* metadata to copy; default: build from `tokenizer`.
+    Raises:
+        ValueError / NotImplementedError: unknown type, or a model / tokenizer the writer does not cover.
+    """
+    import gguf
+
+    check_exportable(model, weight_type, embed_type)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        add_hparams(writer, model.config, weight_type, name)
+        if tokenizer_from:
+            copy_tokenizer_metadata(writer, tokenizer_from)
+        else:
+            add_hf_tokenizer(writer, tokenizer, model.config.vocab_size)
+        for tensor_name, data, kind in gguf_tensors(model, weight_type, embed_type):
+            raw = _ggml_type(kind) if kind in ("q4_0", "q8_0") else None
+            writer.add_tensor(tensor_name, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,129 @@
+"""PTQ baselines (quant/gptq.py, quant/smoothquant.py, quant/baselines.py) on tiny problems.
+
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/quant/test_baselines.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import quantize_ptq
+from models import load_model, quantize_model
+from quant.config import QuantConfig, QuantSpec
+from quant.fake_quant import quantize_dequantize
+from quant.gptq import gptq_model, gptq_quantize_weight
+from quant.linear import QuantLinear
+from quant.smoothquant import activation_absmax, smooth_model
+from tests.conftest import TINY_VOCAB, make_tiny_llama
+from utils.config import ConfigError, load_config
+
+SPECS = [QuantSpec(4), QuantSpec(4, granularity="per_group", group_size=16), QuantSpec(3, granularity="per_tensor"),
+         QuantSpec(4, symmetric=False)]
+
+
+def layer_problem(seed: int = 0, out: int = 48, features: int = 64, tokens: int = 512):
+    """A weight and correlated inputs (as real activations are), with one outlier channel."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 16, generator=g) @ torch.randn(16, features, generator=g)
+    x += 0.1 * torch.randn(tokens, features, generator=g)
+    x[:, 3] *= 8
+    w = torch.randn(out, features, generator=g) * 0.05
+    return w, x, 2 * x.T.double() @ x.double() / tokens
+
+
+def recon_error(x, w, q) -> float:
+    return (x @ w.T - x @ q.T).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.bits}b-{s.granularity}-{'sym' if s.symmetric else 'asym'}")
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_and_its_weights_requantize_to_themselves(spec, act_order):
+    w, x, h = layer_problem()
+    q = gptq_quantize_weight(w, h, spec, block_size=16, act_order=act_order)
+    assert recon_error(x, w, q) < 0.8 * recon_error(x, w, quantize_dequantize(w, spec))
+    if spec.symmetric:
+        assert torch.equal(quantize_dequantize(q, spec), q)  # the fake quantizer reproduces GPTQ exactly
+    else:
+        torch.testing.assert_close(quantize_dequantize(q, spec), q, rtol=0, atol=1e-6)
+
+
+def test_gptq_rejects_gguf_grids():
+    w, _, h = layer_problem()
+    with pytest.raises(ValueError, match="MinMax"):
+        gptq_quantize_weight(w, h, QuantSpec(4, True, "per_group", 32, format="gguf_q4_0"))
+
+
+def test_gptq_model_is_reproduced_by_quantize_model():
+    model = make_tiny_llama()
+    calib = torch.randint(3, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    qcfg = QuantConfig(w_bits=4, w_granularity="per_group", w_group_size=16)
+    gptq_model(model, qcfg, calib, block_size=32, act_order=True, batch_size=2)
+    quantize_model(model, qcfg)
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 14
+    for m in linears:
+        assert torch.equal(m.weight_quantizer(m.weight), m.weight)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.85])
+def test_smoothquant_keeps_full_precision_outputs(alpha):
+    model = make_tiny_llama()
+    with torch.no_grad():  # an outlier channel, as in real LLM activations
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[5] = 30.0
+            layer.post_attention_layernorm.weight[7] = 20.0
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+        quantize_model(model, QuantConfig(w_bits=8, a_bits=4))
+        rtn_error = (model(ids).logits - before).abs().mean()
+        from models import dequantize_model
+
+        dequantize_model(model)
+        old_norm = model.model.layers[0].input_layernorm.weight.clone()
+        smooth_model(model, activation_absmax(model, ids), alpha=alpha)
+        assert not torch.equal(model.model.layers[0].input_layernorm.weight, old_norm)
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+        quantize_model(model, QuantConfig(w_bits=8, a_bits=4))
+        smooth_error = (model(ids).logits - before).abs().mean()
+    assert smooth_error < rtn_error  # migrating the outlier helps per-token A4 quantization
+
+
+def write_calib(path, n=20):
+    rows = [{"text": f"Calibration sentence {i} about quantization and language models."} for i in range(n)]
+    rows.append({"token_ids": list(range(3, 40))})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["rtn", "smoothquant", "gptq"])
+def test_ptq_cli_saves_a_student_that_loads_with_its_quant_config(tiny_model_dir, tmp_path, method):
+    calib, out = write_calib(tmp_path / "gen.jsonl"), tmp_path / method
+    args = [f"method={method}", f"model={tiny_model_dir}", "w_bits=4", "a_bits=8", "kv_bits=8", f"calib={calib}",
+            "calib_samples=4", "calib_seqlen=32", f"output_dir={out}"]
+    assert quantize_ptq.main(args) == 0
+    student, _ = load_model(str(out))
+    assert student.llmqat_quant_config.tag() == "W4A8KV8"
+    assert json.loads((out / "llmqat_meta.json").read_text())["method"] == method
+    ids = torch.randint(3, TINY_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(student(ids).logits).all()
+    if method == "gptq":
+        for m in student.modules():
+            if isinstance(m, QuantLinear):
+                assert torch.equal(m.weight_quantizer(m.weight), m.weight)
+
+
+def test_ptq_bad_inputs_are_clear_errors(tiny_model_dir, tmp_path, capsys):
+    from quant.baselines import PTQConfig
+
+    with pytest.raises(ConfigError, match="method"):
+        load_config(PTQConfig, ["method=awq"], default_yaml="configs/ptq.yaml")
+    args = ["method=gptq", f"model={tiny_model_dir}", "w_bits=4", f"calib={tmp_path / 'nope.jsonl'}",
+            f"output_dir={tmp_path / 'o'}"]
+    assert quantize_ptq.main(args) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    assert quantize_ptq.main([f"model={tiny_model_dir}", f"output_dir={tmp_path / 'o'}"]) == 2  # all 16 bits

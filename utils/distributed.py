@@ -1,0 +1,149 @@
+"""Process groups and model wrapping for the training backends: none, ddp, fsdp (FSDP2), deepspeed.
+
+    rt = setup_runtime("fsdp", seed=0)           # reads torchrun's RANK / WORLD_SIZE; gloo on CPU
+    model = wrap_model(model, "fsdp", rt)        # fully_shard per decoder layer, then the root
+    state = full_state_dict(model, rt)           # full CPU state dict on every rank (for saving)
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each decoder layer and then the root (embeddings,
+final norm and the tied lm_head stay together in the root group, which FSDP keeps unsharded between
+forward and backward, so the chunked KD loss can call `lm_head` many times per step). DeepSpeed is
+initialised by `utils.trainer` (it also owns the optimizer); here only its process group is set up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("none", "ddp", "fsdp", "deepspeed")
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_world_size(backend: str, world_size: int) -> None:
+    """Raise ValueError if `backend` cannot run with `world_size` processes."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+    if world_size < 1:
+        raise ValueError(f"nproc / WORLD_SIZE must be >= 1, got {world_size}")
+    if backend == "none" and world_size > 1:
+        raise ValueError(f"backend=none runs one process, but WORLD_SIZE={world_size}: use backend=ddp, fsdp "
+                         f"or deepspeed")
+    if torch.cuda.is_available() and world_size > torch.cuda.device_count() * _nodes():
+        raise ValueError(f"{world_size} processes but only {torch.cuda.device_count()} GPUs on this node")
+
+
+def _nodes() -> int:
+    return max(1, env_world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", env_world_size())))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def setup_runtime(backend: str, seed: int, device: str = "auto") -> Runtime:
+    """Check the world size, start the process group (nccl on GPU, gloo on CPU), pick the device, seed.
+
+    Raises:
+        ValueError: a backend / world size combination that cannot work.
+    """
+    world = env_world_size()
+    check_world_size(backend, world)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        if backend == "deepspeed":
+            os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        else:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+    seed_everything(seed)
+    return Runtime(rank, world, local_rank, dev, backend)
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+def mean_across_ranks(value: float, rt: Runtime) -> float:
+    if rt.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return t.item() / rt.world_size
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a HF causal LM (Llama-style `model.layers`)."""
+    layers = getattr(lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers in {type(lm).__name__} to shard")
+    return list(layers)
+
+
+def wrap_model(model: nn.Module, backend: str, rt: Runtime) -> nn.Module:
+    """Wrap a module (with `.lm` the HF model) for `backend`; deepspeed is wrapped by its engine."""
+    if backend == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if backend == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(model.lm):
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP / a DeepSpeed engine (FSDP2 modules are not wrapped)."""
+    return getattr(model, "module", model)
+
+
+def full_state_dict(model: nn.Module, rt: Runtime) -> dict:
+    """A full, unsharded CPU state dict of `model` (all ranks must call it under FSDP / ZeRO-3)."""
+    if rt.backend == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rt.backend == "deepspeed" and model.zero_optimization_stage() == 3:
+        state = model._zero3_consolidated_16bit_state_dict()  # a dict on rank 0 only
+        return {k: v.cpu() for k, v in (state or {}).items()}
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}

@@ -1,0 +1,153 @@
+"""Export a fake-quant student folder to a deployable artifact: packed safetensors or GGUF.
+
+    python export.py student=runs/w4a8kv8/student format=packed output=exports/w4-packed
+    python export.py student=runs/q4_0/student format=gguf_q4_0 output=exports/student.Q4_0.gguf
+
+All settings: `ExportConfig` below (defaults), configs/export.yaml (values), `key=value`.
+The student folder must hold a `quant_config.json` (written by models.save_model / train.py): it
+says which grid the weights were trained on. Everything is checked before the model is loaded, and
+the artifact is written under a temporary name and renamed, so a failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from quant.config import GGUF_FORMATS, QuantConfig, is_off
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("packed", *GGUF_FORMATS)
+
+
+@dataclass
+class ExportConfig:
+    """Args:
+        student: folder of a fake-quant student (HF folder + quant_config.json).
+        format: packed (int4/int8 safetensors + scales, reloaded by quant.packed.load_packed),
+            gguf_q4_0 or gguf_q8_0 (llama.cpp).
+        output: a folder for packed, a .gguf file for the GGUF formats.
+        dtype: dtype the student is loaded in (its fake-quant arithmetic follows it).
+        dense_dtype: packed: dtype of the unquantized tensors; "auto" keeps `dtype` (bit-exact
+            logits), bfloat16 halves them.
+        embed_type: GGUF: type of token_embd / an untied output tensor: q8_0, f16 or f32.
+        tokenizer_from: GGUF: a .gguf file or alias (smollm2-135m) whose tokenizer metadata to
+            copy; empty builds it from the student's HF tokenizer (gpt2-style byte-level BPE).
+    """
+
+    student: str = ""
+    format: str = "packed"
+    output: str = ""
+    dtype: str = "float32"
+    dense_dtype: str = "auto"
+    embed_type: str = "q8_0"
+    tokenizer_from: str = ""
+
+    def __post_init__(self):
+        from models.loading import DTYPES
+        from quant.export_gguf import EMBED_TYPES
+
+        if self.format not in EXPORT_FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; use one of {EXPORT_FORMATS}")
+        if self.embed_type not in EMBED_TYPES:
+            raise ValueError(f"unknown embed_type {self.embed_type!r}; use one of {EMBED_TYPES}")
+        for name in ("dtype", "dense_dtype"):
+            value = getattr(self, name)
+            if value not in DTYPES and not (name == "dense_dtype" and value == "auto"):
+                raise ValueError(f"unknown {name} {value!r}; use one of {sorted(DTYPES)}")
+
+
+def check_student(student: str, fmt: str) -> QuantConfig:
+    """The student's QuantConfig, after checking it can be exported to `fmt`.
+
+    Raises:
+        FileNotFoundError: no such folder.
+        ValueError: no quant_config.json, weights not quantized, or more bits than `fmt` holds.
+    """
+    from models.loading import QUANT_CONFIG_FILE, read_quant_config
+
+    folder = Path(student)
+    if not student or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"student={student!r} is not a model folder (no config.json)")
+    qcfg = read_quant_config(folder)
+    if qcfg is None:
+        raise ValueError(f"{folder} has no {QUANT_CONFIG_FILE}: export needs a quantized student "
+                         f"(models.save_model of a models.quantize_model'd model, or a train.py output)")
+    if is_off(qcfg.w_bits):
+        raise ValueError(f"the student's weights are not quantized (w_bits={qcfg.w_bits}): nothing to export low-bit")
+    if fmt in GGUF_FORMATS and qcfg.w_bits > GGUF_FORMATS[fmt]:
+        raise ValueError(f"format={fmt} holds {GGUF_FORMATS[fmt]}-bit weights; the student has w_bits={qcfg.w_bits} "
+                         f"(unsupported bit width for this format)")
+    return qcfg
+
+
+def check_output(output: str, fmt: str) -> Path:
+    """Path to write; an existing output is only replaced if it is an artifact of the same kind."""
+    from quant.packed import read_packed_config
+
+    if not output:
+        raise ValueError("output= is required")
+    path = Path(output)
+    if fmt in GGUF_FORMATS and path.suffix != ".gguf":
+        raise ValueError(f"output={output!r}: a GGUF export is a file ending in .gguf")
+    if path.exists():
+        if fmt == "packed" and path.is_dir() and any(path.iterdir()):
+            read_packed_config(path)  # raises unless it is a previous packed export
+        elif fmt in GGUF_FORMATS and not path.is_file():
+            raise ValueError(f"output={output!r} exists and is not a file")
+    return path
+
+
+def tokenizer_source(name: str) -> str:
+    """The .gguf file behind a path or alias (`smollm2-135m`), for its tokenizer metadata."""
+    from models.loading import resolve_model
+
+    folder, gguf = resolve_model(name)
+    if gguf is None:
+        raise ValueError(f"tokenizer_from={name!r} is not a .gguf file or a GGUF alias")
+    return str(Path(folder) / gguf)
+
+
+def _write_packed(model, tokenizer, path: Path, dense_dtype: str) -> None:
+    from models.loading import to_dtype
+    from quant.packed import save_packed
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_packed(model, tokenizer, tmp, None if dense_dtype == "auto" else to_dtype(dense_dtype))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def artifact_bytes(path: Path) -> int:
+    """Size on disk of a file, or of all files in a folder."""
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run(cfg: ExportConfig) -> dict:
+    """Check inputs, load the student, write the artifact; returns {'output', 'format', 'bytes'}."""
+    from models import load_model
+    from quant.export_gguf import write_gguf
+
+    qcfg = check_student(cfg.student, cfg.format)
+    path = check_output(cfg.output, cfg.format)
+    tokenizer_from = tokenizer_source(cfg.tokenizer_from) if cfg.tokenizer_from else None
+    logger.info("exporting %s (%s, weight_format=%s) to %s as %s", cfg.student, qcfg.tag(), qcfg.weight_format,
+                path, cfg.format)
+    model, tokenizer = load_model(cfg.student, dtype=cfg.dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.format == "packed":
+        _write_packed(model, tokenizer, path, cfg.dense_dtype)
+    else:
+        write_gguf(model, tokenizer, path, cfg.format.removeprefix("gguf_"), cfg.embed_type, tokenizer_from,
+                   name=Path(cfg.student).name)
+    size = artifact_bytes(path)
+    logger.info("wrote %s: %.1f MB", path, size / 1e6)
+    return {"output": str(path), "format": cfg.format, "bytes": size}

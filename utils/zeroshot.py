@@ -1,0 +1,172 @@
+"""Zero-shot multiple-choice scoring by log-likelihood, as lm-evaluation-harness 0.4 does it.
+
+    scores = evaluate_docs(model, tokenizer, load_task("piqa", limit=200))   # {"acc", "acc_norm", ...}
+
+Encoding (the harness's `_encode_pair`): trailing spaces of the context move to the continuation;
+the continuation's tokens are those of tokenize(context + continuation) after the context's tokens;
+no BOS is added. The score of a choice is the summed log-probability of its continuation tokens.
+acc = argmax of the scores; acc_norm = argmax of score / len(choice string) (characters).
+
+Speed: the choices of one example share a token prefix (the whole context for most tasks, the text
+before the blank for WinoGrande). `score_doc` runs that prefix once, repeats its KV cache for every
+choice and scores all the choice remainders in one right-padded batch. Right padding cannot change
+a real token's logits (causal attention) and every fake quantizer is per token, so the scores equal
+one forward per choice up to float rounding (tested). With per-tensor activation quantization the
+scale depends on everything in the forward, so `evaluate_docs` then scores one choice at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from utils.logging import progress_disabled
+from utils.tasks import MCDoc
+
+Pair = tuple[list, list]  # (context token ids, continuation token ids)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> Pair:
+    """Token ids of (context, continuation) as the harness splits them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:  # the harness conditions an empty context on the BOS (else EOS) token
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], tokenizer.encode(continuation, add_special_tokens=False)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    ctx = tokenizer.encode(context, add_special_tokens=False)
+    return ctx, whole[len(ctx) :]
+
+
+def encode_doc(tokenizer, doc: MCDoc) -> list[Pair]:
+    return [encode_pair(tokenizer, c, t) for c, t in zip(doc.contexts, doc.continuations)]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad(rows: Sequence[list], pad_id: int, device) -> torch.Tensor:
+    """Right-pad lists of ids into [B, T_max]."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def _gather_logprobs(logits: torch.Tensor, targets: list) -> float:
+    """Sum of log softmax(logits[i])[targets[i]] for logits [N, V]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    idx = torch.tensor(targets, device=logits.device)
+    return logp.gather(-1, idx[:, None]).sum().item()
+
+
+def _common_prefix(rows: Sequence[list]) -> int:
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows[1:]):
+            return i
+    return n
+
+
+@torch.no_grad()
+def score_pairs(model, pairs: Sequence[Pair], batch_size: int = 8, pad_id: int = 0) -> list[float]:
+    """Log-likelihood of each continuation, full sequences in right-padded batches (no reuse)."""
+    device, scores = _device(model), [0.0] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        inputs = [(pairs[i][0] + pairs[i][1])[:-1] for i in chunk]
+        logits = model(_pad(inputs, pad_id, device), use_cache=False).logits
+        for row, i in enumerate(chunk):
+            ctx, cont = pairs[i]
+            scores[i] = _gather_logprobs(logits[row, len(ctx) - 1 : len(ctx) - 1 + len(cont)], cont)
+    return scores
+
+
+@torch.no_grad()
+def score_doc(model, pairs: Sequence[Pair], pad_id: int = 0) -> list[float]:
+    """Log-likelihood of each continuation, running the choices' shared token prefix once.
+
+    The prefix p stops at the shortest context, so every continuation starts at or after it: the
+    prefix's last logits predict a continuation's first token when the context ends exactly there.
+    """
+    fulls = [ctx + cont for ctx, cont in pairs]
+    p = min(_common_prefix(fulls), min(len(ctx) for ctx, _ in pairs))
+    if p == 0:
+        return score_pairs(model, pairs, batch_size=len(pairs), pad_id=pad_id)
+    device = _device(model)
+    out = model(torch.tensor([fulls[0][:p]], device=device), use_cache=True, logits_to_keep=1)
+    last, cache = out.logits[0, -1:], out.past_key_values  # last: [1, V] predicts position p
+    rests = [full[p:-1] for full in fulls]  # inputs after the prefix; empty for 1-token tails
+    rest_logits = None
+    if any(rests):
+        cache.batch_repeat_interleave(len(pairs))
+        rest_logits = model(_pad([r or [pad_id] for r in rests], pad_id, device), past_key_values=cache,
+                            use_cache=True).logits
+    scores = []
+    for i, (ctx, cont) in enumerate(pairs):
+        rows = last if rest_logits is None else torch.cat([last, rest_logits[i, : len(rests[i])]])
+        start = len(ctx) - p  # row j predicts absolute position p + j
+        scores.append(_gather_logprobs(rows[start : start + len(cont)], cont))
+    return scores
+
+
+def doc_metrics(doc: MCDoc, scores: Sequence[float]) -> dict:
+    """{"acc": 0/1, "acc_norm": 0/1} of one example (np.argmax: ties go to the first choice)."""
+    lengths = np.array([float(len(c)) for c in doc.choices])
+    return {"acc": float(np.argmax(scores) == doc.gold),
+            "acc_norm": float(np.argmax(np.asarray(scores) / lengths) == doc.gold)}
+
+
+def _per_tensor_activations(model) -> bool:
+    qcfg = model.__dict__.get("llmqat_quant_config")
+    return qcfg is not None and qcfg.a_granularity == "per_tensor" and qcfg.a_bits not in (16, 32)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad if pad is not None else 0
+
+
+def _stderr(values: list) -> float:
+    n = len(values)
+    return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+
+
+def evaluate_docs(model, tokenizer, docs: Sequence[MCDoc], acc_norm: bool = True, prefix_reuse: bool = True,
+                  desc: str = "zero-shot", scores_out: Optional[list] = None) -> dict:
+    """acc (and acc_norm) with standard errors over `docs`, quantizers as the model has them.
+
+    Args:
+        acc_norm: report acc_norm (the harness defines it only for some tasks).
+        prefix_reuse: share each example's prefix (`score_doc`); else one batch of full sequences.
+        scores_out: if a list, the per-choice log-likelihoods of each doc are appended to it.
+    """
+    if not docs:
+        raise ValueError("no examples to evaluate")
+    exact_single = _per_tensor_activations(model)
+    was_training, pad_id = model.training, _pad_id(tokenizer)
+    model.eval()
+    per_doc = []
+    for doc in tqdm(docs, desc=desc, disable=progress_disabled()):
+        pairs = encode_doc(tokenizer, doc)
+        if exact_single:
+            scores = score_pairs(model, pairs, batch_size=1, pad_id=pad_id)
+        elif prefix_reuse:
+            scores = score_doc(model, pairs, pad_id)
+        else:
+            scores = score_pairs(model, pairs, batch_size=len(pairs), pad_id=pad_id)
+        if scores_out is not None:
+            scores_out.append(scores)
+        per_doc.append(doc_metrics(doc, scores))
+    model.train(was_training)
+    keys = ("acc", "acc_norm") if acc_norm else ("acc",)
+    result = {k: float(np.mean([m[k] for m in per_doc])) for k in keys}
+    result.update({f"{k}_stderr": _stderr([m[k] for m in per_doc]) for k in keys})
+    result["n"] = len(per_doc)
+    return result
