@@ -1,22 +1,34 @@
-"""Main job: the LLM-QAT pipeline on the default model (SmolLM2-135M-Instruct), on a CPU.
+"""Main job: the LLM-QAT pipeline (generate -> merge -> QAT -> evaluate FP / RTN / QAT -> table) on a CPU.
 
-    python pipeline.py [key=value ...]        # or: bash run_pipeline.sh (sets up .venv first)
+    bash run_pipeline.sh [key=value ...]          # sets up .venv first, then runs this file
+    python pipeline.py out_dir=runs/small generate.n_vocab=8 train.max_steps=2 eval.limit=4
 
-Settings: configs/pipeline.yaml (schema utils.pipeline.PipelineConfig); any key=value overrides.
+Settings: configs/pipeline.yaml (schema utils.pipeline.PipelineConfig, whose docstring lists the
+stages, the skip / resume rules and the same pipeline on Llama-7B with 8 GPUs); any key=value overrides.
 """
 
 import sys
 
-from utils.config import load_config
+from utils.config import ConfigError, load_config
+from utils.io import JsonlError
 from utils.logging import setup_logging
 from utils.pipeline import PipelineConfig, run
 
 
-def main(argv=None) -> None:
+def main(argv) -> int:
+    try:
+        cfg = load_config(PipelineConfig, argv, default_yaml="configs/pipeline.yaml")
+    except ConfigError as err:
+        print(f"pipeline.py: {err}", file=sys.stderr)
+        return 2
     setup_logging()
-    cfg = load_config(PipelineConfig, sys.argv[1:] if argv is None else argv, default_yaml="configs/pipeline.yaml")
-    run(cfg)
+    try:
+        run(cfg)
+    except (FileNotFoundError, JsonlError, ValueError) as err:
+        print(f"pipeline.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -114,10 +114,11 @@ def sample_next(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
         greedy: [B] bool, rows that take the argmax.
         uniforms: [B] floats in [0, 1) (ignored on greedy rows).
     """
-    top1 = logits.argmax(-1)
     if bool(greedy.all()):
-        return top1
-    scores = logits.float() / sampling.temperature
+        return logits.argmax(-1)
+    scores = logits.float()
+    if sampling.temperature != 1.0:
+        scores = scores / sampling.temperature
     k = sampling.top_k if 0 < sampling.top_k < scores.shape[-1] else scores.shape[-1]
     values, indices = scores.topk(k, dim=-1)  # [B, k], sorted descending
     probs = values.softmax(-1)
@@ -126,7 +127,9 @@ def sample_next(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tens
     cdf = probs.cumsum(-1)
     target = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)
     pick = torch.searchsorted(cdf, target, right=True).clamp_max(k - 1)
-    return torch.where(greedy, top1, indices.gather(-1, pick).squeeze(-1))
+    picked = indices.gather(-1, pick).squeeze(-1)
+    rows = greedy.nonzero().squeeze(-1)  # the argmax only where it is needed (a few fresh rows)
+    return picked.index_copy(0, rows, logits[rows].argmax(-1)) if rows.numel() else picked
 
 
 class _SlotState:

@@ -1,86 +1,446 @@
-"""The main job: the LLM-QAT pipeline on the default model, stage by stage (see pipeline.py).
+"""The main job: the whole LLM-QAT pipeline on the default model, on a CPU, stage by stage.
 
-Stages now: `rtn` — full precision against round-to-nearest fake quantization (W8A8KV8, W4A8KV8) on
-WikiText-2 perplexity, with the quantizers of `quant/`.
+    bash run_pipeline.sh                                         # SmolLM2-135M, ~20-25 min on 2 CPU cores
+    python pipeline.py out_dir=runs/small generate.n_vocab=8 train.max_steps=2 eval.limit=4
+
+Stages, each the same `run(cfg)` its entry point calls (outputs under `out_dir`):
+
+    1 generate  utils.generation (generate_data.py)  gen_data/gen.chunk.XX.jsonl, shards 0..shards-1
+    2 merge     utils.merge (merge_gen_data.py)      gen_data/all_gen.jsonl (+ all_gen.stats.json)
+    3 train     utils.trainer (train.py)             qat-<tag>/student/, train_metrics.json
+    4-6 eval    utils.evaluation (evaluate.py)       eval/fp.json, eval/rtn-<tag>.json, eval/qat-<tag>.json
+    7 report    utils.tables rows + utils.plots      table.md, table.json, pipeline.png, timings.json
+
+`<tag>` is `quant.tag()` (W4A8KV8). The sections `generate`, `merge`, `train` and `eval` are the
+entry points' own schemas, so every stage setting is a `key=value` (`generate.n_vocab=8`,
+`train.max_steps=2`, `eval.limit=4`); `quant.*` (or `w_bits=...`) sets the one W-A-KV setting
+that RTN and QAT share. The pipeline sets the fields that connect the stages (`WIRED`: models,
+paths, shard, quant); giving one of them is an error.
+
+Skip / resume: a stage whose outputs exist and are valid is skipped: a shard whose metadata says
+complete with the same settings (an unfinished shard resumes: utils/generation.py), an
+`all_gen.jsonl` newer than every shard, a student with config.json + quant_config.json whose
+`train_metrics.json` is newer than the data and whose `train_config.yaml` equals this run's, an
+eval JSON written with this run's exact eval config (and, for QAT, newer than the student). The
+report is rebuilt every run (seconds). Evaluation data are probed first: a task whose data cannot
+be read (no data_dir / $LLMQAT_DATA_DIR and no internet, or a missing file) is skipped and named,
+and generation, merge and training still run.
+
+Progress: each stage logs `stage i/N`, the elapsed time and a rough ETA (`estimates`: rates of
+SmolLM2-135M on the 2-core CPU, rescaled by how long the stages run so far took); inside a stage
+the tqdm bars of generation, training and evaluation show their own rates.
+
+Scaling to Llama-7B on 8 GPUs: the same stages, through their entry points (this one-process
+pipeline trains with backend=none, which cannot hold a 7B student, teacher and AdamW state), with
+config values only:
+
+    sh run_generate.sh 8 model=/path/llama-7b n_vocab=4000 max_length=2048 batch_size=32 dtype=bfloat16
+        # = CUDA_VISIBLE_DEVICES=i python generate_data.py i model=... for i in 0..7 (8 x 4000 = LLaMA's
+        #   32000 ids; the original used 64 x 500; shard i resumes if killed)
+    python merge_gen_data.py                               # gen_data/gen.chunk.*.jsonl -> gen_data/all_gen.jsonl
+    sh run_train.sh 4 8 8 model=/path/llama-7b backend=fsdp nproc=8 data.train=gen_data/all_gen.jsonl \\
+        output_dir=runs/llama7b-w4a8kv8 model_max_length=1024 per_device_batch_size=1 learning_rate=2e-5 \\
+        max_steps=10000 gradient_checkpointing=true save_steps=500 resume=auto
+        # FSDP2, bf16 autocast over fp32 weights, bf16 teacher; one epoch = train_blocks / 8 steps
+        # (train_blocks is logged and written to train_metrics.json)
+    python evaluate.py model=runs/llama7b-w4a8kv8/student seqlen=2048 output=runs/llama7b-w4a8kv8/eval.json
+    sh run_table.sh model=/path/llama-7b settings=[4-8-8] methods=[fp,rtn] \\
+        qat=[runs/llama7b-w4a8kv8/student] seqlen=2048 cache_dir=runs/table-llama7b output=runs/table-llama7b/table.md
+
+Evaluation (evaluate.py, run_table.sh) has no device key today: it runs where `load_model` puts the
+model, the CPU, which for 7B is slow (hours per row at full task sets).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import operator
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 from quant.config import QuantConfig
-from utils.datasets import resolve_data_dir, wikitext2_text
-from utils.io import write_json
+from utils.config import to_dict, to_yaml
+from utils.evaluation import PPL_TASKS, EvalConfig
+from utils.generation import GenerateConfig
+from utils.io import atomic_write_text, write_json
 from utils.logging import print0
+from utils.merge import MergeConfig
+from utils.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
+
+# Section fields the pipeline sets itself (they connect the stages).
+WIRED = {"generate": ("model", "shard", "out_dir"), "merge": ("in_dir", "output"),
+         "train": ("model", "output_dir", "quant", "data.train"), "eval": ("model", "output", "quant", "data_dir")}
+# Rough SmolLM2-135M speeds on the 2-core CPU (runs/logs, docs/readme/evaluation.md); used for the ETA only.
+RATES = {"gen_tok_s": 200.0, "train_tok_s": 45.0, "fp_ex_s": 3.5, "quant_ex_s": 2.0, "fp_ppl_tok_s": 400.0,
+         "quant_ppl_tok_s": 250.0, "load_s": 5.0}
 
 
 @dataclass
 class PipelineConfig:
-    """Main-job settings. `settings` are W-A-KV triples; 16 = full precision."""
+    """Main-job settings (values in configs/pipeline.yaml).
+
+    Args:
+        model: alias, HF folder or .gguf file: the teacher, the RTN model and the student's start.
+        data_dir: evaluation data (else $LLMQAT_DATA_DIR, else the Hugging Face hub).
+        out_dir: every output of every stage.
+        shards: generation shards 0..shards-1, each `generate.n_vocab` start ids.
+        quant: the W-A-KV setting of the RTN row and of QAT.
+        generate, merge, train, eval: the stages' own schemas; `WIRED` fields are set by the pipeline.
+    """
 
     model: str = "smollm2-135m"
     data_dir: Optional[str] = None
     out_dir: str = "runs/pipeline"
-    seqlen: int = 512
-    ppl_windows: int = 16
-    settings: List[str] = field(default_factory=lambda: ["16-16-16", "8-8-8", "4-8-8"])
-    quant: QuantConfig = field(default_factory=QuantConfig)  # base settings (granularity, kv_position, ...)
+    shards: int = 2
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(w_bits=4, a_bits=8, kv_bits=8))
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.shards < 1:
+            raise ValueError(f"shards must be >= 1, got {self.shards}")
+        for section, names in WIRED.items():
+            value, default = getattr(self, section), type(getattr(self, section))()
+            for name in names:
+                if operator.attrgetter(name)(value) != operator.attrgetter(name)(default):
+                    raise ValueError(f"{section}.{name} is set by the pipeline (from model, out_dir, quant, "
+                                     f"data_dir); leave it out")
 
 
-def parse_setting(text: str, base: QuantConfig) -> QuantConfig:
-    """'4-8-8' -> QuantConfig(w_bits=4, a_bits=8, kv_bits=8) on top of `base`."""
-    try:
-        w, a, kv = (int(v) for v in text.split("-"))
-    except ValueError:
-        raise ValueError(f"setting {text!r} is not W-A-KV, e.g. 4-8-8") from None
-    return QuantConfig(**{**base.to_dict(), "w_bits": w, "a_bits": a, "kv_bits": kv})
+@dataclass(frozen=True)
+class Paths:
+    out: Path
+    gen_dir: Path
+    data: Path
+    train_dir: Path
+    student: Path
+    eval_dir: Path
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig) -> "Paths":
+        out, tag = Path(cfg.out_dir), cfg.quant.tag()
+        train_dir = out / f"qat-{tag}"
+        return cls(out, out / "gen_data", out / "gen_data" / "all_gen.jsonl", train_dir, train_dir / "student",
+                   out / "eval")
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
+# ---- the stages' configs (pure) -------------------------------------------------------------------
 
 
-def _fmt(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def generate_configs(cfg: PipelineConfig, p: Paths) -> list[GenerateConfig]:
+    return [replace(cfg.generate, model=cfg.model, shard=i, out_dir=str(p.gen_dir)) for i in range(cfg.shards)]
 
 
-def stage_rtn(cfg: PipelineConfig, out: Path) -> list[dict]:
-    """FP vs RTN fake quantization on WikiText-2 test perplexity (first `ppl_windows` windows)."""
-    from models import load_model, quantize_model
-    from utils.perplexity import perplexity
+def merge_config(cfg: PipelineConfig, p: Paths) -> MergeConfig:
+    return replace(cfg.merge, in_dir=str(p.gen_dir), output=str(p.data))
 
-    text = wikitext2_text("test", cfg.data_dir)
-    model, tok = load_model(cfg.model)
-    rows = []
-    for setting in cfg.settings:
-        qcfg = parse_setting(setting, cfg.quant)
-        quantize_model(model, qcfg)
-        start = time.time()
-        res = perplexity(model, tok, text, seqlen=cfg.seqlen, limit=cfg.ppl_windows)
-        rows.append({"setting": qcfg.tag(), "method": "FP" if not qcfg.enabled else "RTN",
-                     "wikitext2_ppl": res["ppl"], "tokens": res["tokens"], "seconds": time.time() - start})
-        logger.info("%s: WikiText-2 ppl %.3f over %d tokens", qcfg.tag(), res["ppl"], res["tokens"])
-    write_json(out / "rtn.json", rows)
+
+def train_config(cfg: PipelineConfig, p: Paths) -> TrainConfig:
+    return replace(cfg.train, model=cfg.model, output_dir=str(p.train_dir), quant=cfg.quant,
+                   data=replace(cfg.train.data, train=str(p.data)))
+
+
+def eval_configs(cfg: PipelineConfig, p: Paths, tasks: list) -> dict[str, EvalConfig]:
+    """Row name -> EvalConfig: FP, RTN at `quant`, and the QAT student (its saved quant config)."""
+    base, tag = replace(cfg.eval, tasks=tasks, data_dir=cfg.data_dir), cfg.quant.tag()
+    return {"FP": replace(base, model=cfg.model, quant=QuantConfig(), output=str(p.eval_dir / "fp.json")),
+            "RTN": replace(base, model=cfg.model, quant=cfg.quant, output=str(p.eval_dir / f"rtn-{tag}.json")),
+            "QAT": replace(base, model=str(p.student), output=str(p.eval_dir / f"qat-{tag}.json"))}
+
+
+# ---- validity of existing outputs -----------------------------------------------------------------
+
+
+def _newer(path: Path, *deps: Path) -> bool:
+    """`path` exists and was written no earlier than every existing dependency."""
+    return path.is_file() and all(path.stat().st_mtime_ns >= d.stat().st_mtime_ns for d in deps if d.exists())
+
+
+def shard_complete(gcfg: GenerateConfig) -> bool:
+    """The shard's metadata says complete and was made with these settings."""
+    from utils.gen_io import read_meta, shard_path
+    from utils.generation import record_settings
+
+    path = shard_path(gcfg.out_dir, gcfg.shard)
+    meta = read_meta(path) if path.is_file() else None
+    if not meta or meta.get("complete") is not True:
+        return False
+    old = meta.get("settings", {})
+    eos = gcfg.eos_ids if gcfg.eos_ids is not None else old.get("eos_ids")
+    return record_settings(gcfg, gcfg.shard, old.get("vocab_size"), eos) == old
+
+
+def merge_valid(p: Paths) -> bool:
+    shards = sorted(p.gen_dir.glob("gen.chunk.*.jsonl"))
+    return bool(shards) and p.data.with_suffix(".stats.json").is_file() and _newer(p.data, *shards)
+
+
+def train_valid(tcfg: TrainConfig, p: Paths) -> bool:
+    out = Path(tcfg.output_dir)
+    metrics, saved = out / "train_metrics.json", out / "train_config.yaml"
+    files = (p.student / "config.json", p.student / "quant_config.json", saved)
+    return (all(f.is_file() for f in files) and saved.read_text() == to_yaml(tcfg)
+            and _newer(metrics, saved, p.data))
+
+
+def cached_eval(ecfg: EvalConfig, *deps: Path) -> Optional[dict]:
+    """The row's results JSON if it was written with exactly `ecfg` and after `deps`, else None."""
+    path = Path(ecfg.output)
+    if not _newer(path, *deps):
+        return None
+    payload = json.loads(path.read_text())
+    return payload if payload.get("config") == to_dict(ecfg) else None
+
+
+def data_errors(tasks: list, data_dir: Optional[str]) -> dict[str, str]:
+    """Task -> why its evaluation data cannot be read (FileNotFoundError, offline hub, ...)."""
+    from utils.datasets import c4_texts, wikitext2_rows
+    from utils.tasks import task_rows
+
+    errors = {}
+    for task in tasks:
+        try:
+            if task == "wikitext2":
+                wikitext2_rows("test", data_dir)
+            elif task == "c4":
+                c4_texts(data_dir)
+            else:
+                task_rows(task, data_dir, 1)
+        except OSError as err:  # FileNotFoundError (local), ConnectionError (offline hub)
+            errors[task] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return errors
+
+
+# ---- progress -------------------------------------------------------------------------------------
+
+
+def estimates(cfg: PipelineConfig) -> dict[str, float]:
+    """Rough seconds per stage (RATES; about 0.7 x max_length tokens per generated sequence)."""
+    g, t, e, r = cfg.generate, cfg.train, cfg.eval, RATES
+    gen_tokens = cfg.shards * g.n_vocab * len(g.greedy_lengths) * 0.7 * g.max_length
+    train_tokens = t.max_steps * t.per_device_batch_size * t.gradient_accumulation_steps * t.model_max_length
+    examples = sum(task not in PPL_TASKS for task in e.tasks) * (e.limit or 1000)
+    ppl_tokens = sum(task in PPL_TASKS for task in e.tasks) * (e.ppl_limit or e.limit or 100) * e.seqlen
+    fp = r["load_s"] + examples / r["fp_ex_s"] + ppl_tokens / r["fp_ppl_tok_s"]
+    quant = r["load_s"] + examples / r["quant_ex_s"] + ppl_tokens / r["quant_ppl_tok_s"]
+    return {"generate": cfg.shards * r["load_s"] + gen_tokens / r["gen_tok_s"], "merge": 2.0,
+            "train": 2 * r["load_s"] + train_tokens / r["train_tok_s"], "eval FP": fp, "eval RTN": quant,
+            "eval QAT": quant, "report": 1.0}
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class _Stage:
+    def __init__(self):
+        self.skipped = False
+
+    def skip(self, reason: str) -> None:
+        self.skipped = True
+        logger.info("skip: %s", reason)
+
+
+class StageClock:
+    """Stage headers with the elapsed time and an ETA.
+
+    ETA = the estimates of the stages not finished yet, times (seconds taken / estimate) of the
+    stages that ran so far, so a faster or slower machine or model corrects it after one stage.
+    """
+
+    def __init__(self, estimates: dict[str, float]):
+        self.estimates, self.start = estimates, time.perf_counter()
+        self.spent = self.planned = 0.0
+        self.timings: dict[str, dict] = {}
+
+    def eta(self) -> float:
+        left = sum(v for k, v in self.estimates.items() if k not in self.timings)
+        return left * (self.spent / self.planned if self.planned else 1.0)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str):
+        names = list(self.estimates)
+        head = f"stage {names.index(name) + 1}/{len(names)} {name}"
+        logger.info("==== %s: %s", head, what)
+        logger.info("elapsed %s | ETA ~%s (rough)", _hms(time.perf_counter() - self.start), _hms(self.eta()))
+        stage, t0 = _Stage(), time.perf_counter()
+        yield stage
+        seconds = time.perf_counter() - t0
+        if not stage.skipped:
+            self.spent, self.planned = self.spent + seconds, self.planned + self.estimates[name]
+        self.timings[name] = {"seconds": round(seconds, 1), "skipped": stage.skipped}
+        logger.info("==== %s %s in %s", head, "skipped" if stage.skipped else "done", _hms(seconds))
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+
+
+def stage_generate(cfg: PipelineConfig, p: Paths, clock: StageClock) -> None:
+    from utils.generation import run as generate
+
+    gcfgs = generate_configs(cfg, p)
+    with clock.stage("generate", f"{cfg.shards} shards x {cfg.generate.n_vocab} start ids x greedy "
+                                 f"{cfg.generate.greedy_lengths}, max_length {cfg.generate.max_length} -> "
+                                 f"{p.gen_dir}") as stage:
+        todo = [g for g in gcfgs if not shard_complete(g)]
+        if not todo:
+            stage.skip(f"all {len(gcfgs)} shards complete with these settings")
+        for i, gcfg in enumerate(todo):
+            logger.info("shard %d (%d/%d to generate)", gcfg.shard, i + 1, len(todo))
+            generate(gcfg)
+
+
+def stage_merge(cfg: PipelineConfig, p: Paths, clock: StageClock) -> None:
+    from utils.merge import run as merge
+
+    with clock.stage("merge", f"{p.gen_dir}/gen.chunk.*.jsonl -> {p.data}") as stage:
+        if merge_valid(p):
+            stage.skip(f"{p.data} is newer than every shard")
+            return
+        logger.info("the pipeline uses shards 0..%d only: 'missing shards' counts the whole vocabulary",
+                    cfg.shards - 1)
+        merge(merge_config(cfg, p))
+
+
+def stage_train(cfg: PipelineConfig, p: Paths, clock: StageClock) -> dict:
+    from utils.trainer import run as train
+
+    tcfg = train_config(cfg, p)
+    with clock.stage("train", f"QAT {cfg.quant.tag()} by distillation, {tcfg.max_steps} steps x "
+                              f"{tcfg.model_max_length} tokens -> {p.student}") as stage:
+        if train_valid(tcfg, p):
+            stage.skip(f"{p.student} is trained with this config after the data was written")
+        else:
+            train(tcfg)
+    return json.loads((p.train_dir / "train_metrics.json").read_text())
+
+
+def stage_eval(name: str, ecfg: Optional[EvalConfig], deps: tuple, clock: StageClock,
+               skipped: dict) -> Optional[dict]:
+    """One row (FP, RTN or QAT): the cached JSON, else utils.evaluation.run; None without any task data."""
+    from utils.evaluation import run as evaluate
+
+    what = (f"{ecfg.model} on {ecfg.tasks} (limit {ecfg.limit}, ppl {ecfg.ppl_limit} windows x {ecfg.seqlen}) "
+            f"-> {ecfg.output}" if ecfg else "no task has evaluation data")
+    with clock.stage(f"eval {name}", what) as stage:
+        if ecfg is None:
+            stage.skip(f"no evaluation data for {', '.join(skipped)}")
+            return None
+        payload = cached_eval(ecfg, *deps)
+        if payload is not None:
+            stage.skip(f"{ecfg.output} holds this row's results")
+            return payload
+        return evaluate(ecfg)
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def table_rows(cfg: PipelineConfig, tasks: list, payloads: dict) -> list[dict]:
+    """utils.tables rows (accuracy in %, acc_norm where defined) + recovered % on Avg and on ppl."""
+    from utils.tables import TableConfig, add_recovered, table_row
+
+    setting = "-".join(str(b) for b in (cfg.quant.w_bits, cfg.quant.a_bits, cfg.quant.kv_bits))
+    view = TableConfig(model=cfg.model, settings=[setting], tasks=tasks)
+    settings = {"FP": "16-16-16", "RTN": setting, "QAT": setting}
+    rows = [table_row(view, name, settings[name], payload) for name, payload in payloads.items()]
+    add_recovered(rows)
+    by = {r["method"]: r for r in rows}
+    if {"FP", "RTN", "QAT"} <= set(by) and "wikitext2" in by["FP"]:
+        gap = by["FP"]["wikitext2"] - by["RTN"]["wikitext2"]
+        if gap:
+            by["QAT"]["recovered_ppl"] = 100 * (by["QAT"]["wikitext2"] - by["RTN"]["wikitext2"]) / gap
     return rows
 
 
-def run(cfg: PipelineConfig) -> list[dict]:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if resolve_data_dir(cfg.data_dir) is None:
-        logger.warning("no data_dir / LLMQAT_DATA_DIR: WikiText-2 comes from the Hugging Face hub")
-    rows = stage_rtn(cfg, out)
-    table = markdown_table(rows, ["method", "setting", "wikitext2_ppl", "tokens", "seconds"])
-    (out / "table.md").write_text(table + "\n")
-    print0(f"\nWikiText-2 test perplexity, seqlen {cfg.seqlen}, first {cfg.ppl_windows} windows, model {cfg.model}:\n")
-    print0(table)
+def _first(limit: Optional[int]) -> str:
+    return "all" if limit is None else f"the first {limit}"
+
+
+def markdown(cfg: PipelineConfig, rows: list, tasks: list, skipped: dict, train: dict) -> str:
+    from utils.tables import NAMES
+
+    zero_shot = [t for t in tasks if t not in PPL_TASKS]
+    cols = zero_shot + (["avg"] if zero_shot else []) + [t for t in tasks if t in PPL_TASKS] + \
+        ["recovered", "recovered_ppl"]
+    heads = [NAMES.get(c, c) for c in zero_shot] + (["Avg"] if zero_shot else []) + \
+        [{"wikitext2": "Wiki2 ppl", "c4": "C4 ppl"}[t] for t in tasks if t in PPL_TASKS] + \
+        ["recovered % (Avg)", "recovered % (Wiki2 ppl)"]
+    lines = ["| Method | W-A-KV | " + " | ".join(heads) + " |", "|---|---|" + "---:|" * len(heads)]
+    for r in rows:
+        cells = [(f"{r[c]:.2f}" if c in PPL_TASKS else f"{r[c]:.1f}") if c in r else "" for c in cols]
+        lines.append(f"| {r['method']} | {r['setting']} | " + " | ".join(cells) + " |")
+    e = cfg.eval
+    notes = [f"{cfg.model}; QAT: {train.get('steps')} steps on {cfg.shards} shards of data-free text "
+             f"(final KD loss {train.get('final_kd', float('nan')):.4f}).",
+             f"Zero-shot: {_first(e.limit)} examples per task, accuracy in %, acc_norm where defined. "
+             f"Perplexity (WikiText-2 test): {_first(e.ppl_limit if e.ppl_limit is not None else e.limit)} windows "
+             f"of {e.seqlen} tokens. recovered % = (QAT - RTN) / (FP - RTN).",
+             *[f"Skipped (no evaluation data): {t}: {why}" for t, why in skipped.items()]]
+    table = "\n".join(lines) + "\n" if rows else "No evaluation ran: FP, RTN and QAT rows skipped.\n"
+    return table + "\n" + "\n".join(notes) + "\n"
+
+
+def stage_report(cfg: PipelineConfig, p: Paths, clock: StageClock, tasks: list, payloads: dict, skipped: dict,
+                 train: dict) -> list[dict]:
+    from utils.plots import save_results_plot
+    from utils.tables import NAMES
+
+    with clock.stage("report", f"{p.out / 'table.md'}, {p.out / 'pipeline.png'}"):
+        rows = table_rows(cfg, tasks, payloads) if payloads else []
+        text = markdown(cfg, rows, tasks, skipped, train)
+        atomic_write_text(p.out / "table.md", text)
+        write_json(p.out / "table.json", rows)
+        if rows:
+            zero_shot = [t for t in tasks if t not in PPL_TASKS]
+            acc = zero_shot + (["avg"] if len(zero_shot) > 1 else [])
+            save_results_plot(rows, acc, p.out / "pipeline.png", f"{cfg.model}: FP vs RTN vs QAT at "
+                              f"{cfg.quant.tag()}", names={**NAMES, "avg": "Avg", "wikitext2": "WikiText-2"})
+        else:
+            logger.warning("no plot: nothing was evaluated")
+    print0(f"\n{text}")
     return rows
+
+
+def _write_timings(p: Paths, clock: StageClock) -> None:
+    """timings.json: the seconds of each stage's last real run (skipped runs do not overwrite them)."""
+    path = p.out / "timings.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    ran = {k: v for k, v in clock.timings.items() if not v["skipped"]}
+    write_json(path, {**old, **ran, "last_run_total_s": round(time.perf_counter() - clock.start, 1)})
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """Generate, merge, train, evaluate FP / RTN / QAT, report; returns rows, skipped tasks, timings."""
+    p = Paths.of(cfg)
+    p.out.mkdir(parents=True, exist_ok=True)
+    logger.info("resolved config:\n%s", to_yaml(cfg))
+    atomic_write_text(p.out / "pipeline_config.yaml", to_yaml(cfg))
+    skipped = data_errors(cfg.eval.tasks, cfg.data_dir)
+    tasks = [t for t in cfg.eval.tasks if t not in skipped]
+    for task, why in skipped.items():
+        logger.warning("no data for %s: its FP / RTN / QAT evaluations will be skipped (%s)", task, why)
+    clock = StageClock(estimates(cfg))
+    stage_generate(cfg, p, clock)
+    stage_merge(cfg, p, clock)
+    train = stage_train(cfg, p, clock)
+    deps = {"FP": (), "RTN": (), "QAT": (p.train_dir / "train_metrics.json",)}
+    ecfgs = eval_configs(cfg, p, tasks) if tasks else dict.fromkeys(deps)
+    payloads = {name: stage_eval(name, ecfg, deps[name], clock, skipped) for name, ecfg in ecfgs.items()}
+    rows = stage_report(cfg, p, clock, tasks, {k: v for k, v in payloads.items() if v}, skipped, train)
+    _write_timings(p, clock)
+    if skipped:
+        logger.warning("skipped evaluations (no data): %s for FP, RTN %s and QAT", ", ".join(skipped),
+                       cfg.quant.tag())
+    logger.info("pipeline done in %s; outputs in %s", _hms(time.perf_counter() - clock.start), p.out)
+    return {"rows": rows, "skipped": skipped, "timings": clock.timings}
