@@ -10,24 +10,12 @@ Without data_dir, $LLMQAT_DATA_DIR names the local data directory; without eithe
 
 import sys
 
-from utils.config import ConfigError, load_config
+from utils.config import run_entry_point
 from utils.evaluation import EvalConfig, run
-from utils.logging import setup_logging
 
 
 def main(argv) -> int:
-    try:
-        cfg = load_config(EvalConfig, argv, default_yaml="configs/eval.yaml")
-    except ConfigError as err:
-        print(f"evaluate.py: {err}", file=sys.stderr)
-        return 2
-    setup_logging()
-    try:
-        run(cfg)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point("evaluate.py", EvalConfig, "configs/eval.yaml", run, argv)
 
 
 if __name__ == "__main__":

@@ -10,25 +10,16 @@ Reload a packed export with `quant.packed.load_packed(DIR)`; run a GGUF in llama
 
 import sys
 
-from utils.config import ConfigError, load_config
+from utils.config import run_entry_point
 from utils.export import ExportConfig, run
-from utils.logging import setup_logging
+
+
+def _summary(result) -> None:
+    print(f"{result['format']}: {result['output']} ({result['bytes'] / 1e6:.1f} MB)")
 
 
 def main(argv) -> int:
-    try:
-        cfg = load_config(ExportConfig, argv, default_yaml="configs/export.yaml")
-    except ConfigError as err:
-        print(f"export.py: {err}", file=sys.stderr)
-        return 2
-    setup_logging()
-    try:
-        result = run(cfg)
-    except (FileNotFoundError, ValueError, NotImplementedError) as err:
-        print(f"export.py: error: {err}", file=sys.stderr)
-        return 2
-    print(f"{result['format']}: {result['output']} ({result['bytes'] / 1e6:.1f} MB)")
-    return 0
+    return run_entry_point("export.py", ExportConfig, "configs/export.yaml", run, argv, on_result=_summary)
 
 
 if __name__ == "__main__":

@@ -12,27 +12,14 @@ All settings: utils/generation.py `GenerateConfig` (defaults), configs/generate.
 
 import sys
 
-from utils.config import ConfigError, load_config
+from utils.config import run_entry_point
 from utils.generation import GenerateConfig, run
-from utils.io import JsonlError
-from utils.logging import setup_logging
 
 
 def main(argv) -> int:
     if argv and argv[0].isdigit():  # the original's positional shard index
         argv = [f"shard={argv[0]}", *argv[1:]]
-    try:
-        cfg = load_config(GenerateConfig, argv, default_yaml="configs/generate.yaml")
-    except ConfigError as err:
-        print(f"generate_data.py: {err}", file=sys.stderr)
-        return 2
-    setup_logging()
-    try:
-        run(cfg)
-    except (FileNotFoundError, JsonlError, ValueError) as err:
-        print(f"generate_data.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point("generate_data.py", GenerateConfig, "configs/generate.yaml", run, argv)
 
 
 if __name__ == "__main__":

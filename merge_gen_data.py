@@ -8,25 +8,12 @@ All settings: utils/merge.py `MergeConfig` (defaults), configs/merge.yaml (value
 
 import sys
 
-from utils.config import ConfigError, load_config
-from utils.io import JsonlError
-from utils.logging import setup_logging
+from utils.config import run_entry_point
 from utils.merge import MergeConfig, run
 
 
 def main(argv) -> int:
-    try:
-        cfg = load_config(MergeConfig, argv, default_yaml="configs/merge.yaml")
-    except ConfigError as err:
-        print(f"merge_gen_data.py: {err}", file=sys.stderr)
-        return 2
-    setup_logging()
-    try:
-        run(cfg)
-    except (FileNotFoundError, JsonlError) as err:
-        print(f"merge_gen_data.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point("merge_gen_data.py", MergeConfig, "configs/merge.yaml", run, argv)
 
 
 if __name__ == "__main__":

@@ -9,25 +9,12 @@ stages, the skip / resume rules and the same pipeline on Llama-7B with 8 GPUs); 
 
 import sys
 
-from utils.config import ConfigError, load_config
-from utils.io import JsonlError
-from utils.logging import setup_logging
+from utils.config import run_entry_point
 from utils.pipeline import PipelineConfig, run
 
 
 def main(argv) -> int:
-    try:
-        cfg = load_config(PipelineConfig, argv, default_yaml="configs/pipeline.yaml")
-    except ConfigError as err:
-        print(f"pipeline.py: {err}", file=sys.stderr)
-        return 2
-    setup_logging()
-    try:
-        run(cfg)
-    except (FileNotFoundError, JsonlError, ValueError) as err:
-        print(f"pipeline.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point("pipeline.py", PipelineConfig, "configs/pipeline.yaml", run, argv)
 
 
 if __name__ == "__main__":

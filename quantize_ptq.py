@@ -10,23 +10,11 @@ All settings: quant/baselines.py `PTQConfig` (defaults), configs/ptq.yaml (value
 import sys
 
 from quant.baselines import PTQConfig, run
-from utils.config import ConfigError, load_config
-from utils.logging import setup_logging
+from utils.config import run_entry_point
 
 
 def main(argv) -> int:
-    try:
-        cfg = load_config(PTQConfig, argv, default_yaml="configs/ptq.yaml")
-    except ConfigError as err:
-        print(f"quantize_ptq.py: {err}", file=sys.stderr)
-        return 2
-    setup_logging()
-    try:
-        run(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"quantize_ptq.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point("quantize_ptq.py", PTQConfig, "configs/ptq.yaml", run, argv)
 
 
 if __name__ == "__main__":

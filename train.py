@@ -9,29 +9,20 @@ All settings: utils/trainer.py `TrainConfig` (defaults), configs/train.yaml (val
 
 import sys
 
-from utils.config import ConfigError, load_config
-from utils.logging import setup_logging
+from utils.config import ConfigError, load_config, run_entry_point
 from utils.trainer import TrainConfig, run
 
 
 def main(argv) -> int:
-    launch_plan = "--launch-plan" in argv
-    argv = [a for a in argv if a != "--launch-plan"]
-    try:
-        cfg = load_config(TrainConfig, argv, default_yaml="configs/train.yaml")
-    except ConfigError as err:
-        print(f"train.py: {err}", file=sys.stderr)
-        return 2
-    if launch_plan:  # run_train.sh asks which launcher and how many processes
+    if "--launch-plan" in argv:  # run_train.sh asks which launcher and how many processes
+        try:
+            cfg = load_config(TrainConfig, [a for a in argv if a != "--launch-plan"], default_yaml="configs/train.yaml")
+        except ConfigError as err:
+            print(f"train.py: {err}", file=sys.stderr)
+            return 2
         print(cfg.backend, cfg.nproc)
         return 0
-    setup_logging()
-    try:
-        run(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point("train.py", TrainConfig, "configs/train.yaml", run, argv)
 
 
 if __name__ == "__main__":

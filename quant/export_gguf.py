@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from quant.config import GGUF_FORMATS
 from quant.gguf_formats import gguf_quantize_codes
 from quant.linear import QuantLinear
 

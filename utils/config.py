@@ -101,3 +101,34 @@ def save_config(cfg, path) -> None:
     """Write the resolved config as YAML (what a run really used)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_yaml(cfg))
+
+
+USER_ERRORS = (FileNotFoundError, ValueError, NotImplementedError)  # bad input, not bugs (JsonlError is a ValueError)
+
+
+def run_entry_point(prog: str, schema: Type[T], default_yaml: Optional[str], run, argv: Sequence[str],
+                    on_result=None) -> int:
+    """The shared `main()` of the entry points: config -> logging -> `run(cfg)`.
+
+    A bad config (ConfigError) or bad input (USER_ERRORS: missing file, malformed line, invalid
+    value) prints one line `prog: ...` to stderr and returns exit code 2 instead of a traceback;
+    `on_result(result)` may print a summary. Anything else is a bug and propagates.
+    """
+    import sys
+
+    from utils.logging import setup_logging
+
+    try:
+        cfg = load_config(schema, argv, default_yaml=default_yaml)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    setup_logging()
+    try:
+        result = run(cfg)
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    if on_result is not None:
+        on_result(result)
+    return 0

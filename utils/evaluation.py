@@ -45,6 +45,7 @@ class EvalConfig:
     use_saved_quant: for a student folder, apply its saved quant config when `quant` is left at
         its defaults (all 16 bits).
     data_dir: local data directory (else $LLMQAT_DATA_DIR, else the Hugging Face hub).
+    dtype, device: model weights' dtype; "auto" device = cuda when available, else cpu (or e.g. cuda:1).
     output: results JSON; the markdown table goes next to it with suffix .md.
     harness_tasks: extra lm-evaluation-harness task names, run through lm_eval if installed.
     """
@@ -60,6 +61,7 @@ class EvalConfig:
     prefix_reuse: bool = True
     use_saved_quant: bool = True
     dtype: str = "float32"
+    device: str = "auto"
     data_dir: Optional[str] = None
     output: str = "runs/eval/results.json"
     harness_tasks: List[str] = field(default_factory=list)
@@ -101,7 +103,8 @@ def load_eval_model(cfg: EvalConfig):
     from models import get_quant_config, load_model
 
     explicit = cfg.quant != QuantConfig() or not cfg.use_saved_quant
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, quant=cfg.quant if explicit else None)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device, quant=cfg.quant if explicit else None)
     freeze_weight_quantizers(model)
     qcfg = get_quant_config(model)
     logger.info("evaluating %s at %s", cfg.model, qcfg.tag() if qcfg else "full precision")

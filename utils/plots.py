@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
+COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 
 
 def grouped_bars(ax, categories: Sequence[str], series: dict, ylabel: str) -> None:
@@ -61,3 +61,65 @@ def save_results_plot(rows: list, acc_keys: Sequence[str], path, title: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> Path:
+    """Training loss (per logging step) and held-out KD loss (per eval step) from a run's
+    `metrics.jsonl` (written by utils/trainer.py), as one PNG.
+
+    Raises:
+        ValueError: the file holds no loss at all.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from utils.io import read_jsonl
+
+    rows = read_jsonl(metrics_jsonl)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_kd_loss"]) for r in rows if "val_kd_loss" in r]
+    if not train and not val:
+        raise ValueError(f"{metrics_jsonl}: no 'loss' or 'val_kd_loss' records to plot")
+    fig = Figure(figsize=(6, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for points, label, style in ((train, "train loss", "-"), (val, "held-out KD loss", "o--")):
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], style, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL(teacher || student) per token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv) -> int:
+    """python -m utils.plots curve METRICS_JSONL OUT.png | table TABLE_JSON OUT.png [title]"""
+    import json
+
+    if len(argv) < 3 or argv[0] not in ("curve", "table"):
+        print(main.__doc__)
+        return 2
+    kind, src, out, title = argv[0], argv[1], argv[2], " ".join(argv[3:])
+    if kind == "curve":
+        save_training_curve(src, out, title or "QAT-KD training")
+    else:
+        rows = json.loads(Path(src).read_text())
+        for r in rows:
+            r["method"] = f"{r['method']} {r.get('setting', '')}".strip()
+        acc = [k for k in ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                           "openbookqa", "avg") if any(k in r for r in rows)]
+        save_results_plot(rows, acc, out, title or src)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

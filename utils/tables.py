@@ -188,18 +188,9 @@ def run(cfg: TableConfig) -> list:
 
 
 def main(argv) -> int:
-    from utils.config import ConfigError, load_config
-    from utils.logging import setup_logging
+    from utils.config import run_entry_point
 
-    try:
-        cfg = load_config(TableConfig, argv, default_yaml="configs/table.yaml")
-    except ConfigError as err:
-        print(f"tables: {err}", file=sys.stderr)
-        return 2
-    setup_logging()
-    run(cfg)
-    return 0
-
+    return run_entry_point("run_table.sh", TableConfig, "configs/table.yaml", run, argv)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

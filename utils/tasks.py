@@ -154,5 +154,5 @@ def load_task(name: str, data_dir: Optional[str] = None, limit: Optional[int] = 
         KeyError: unknown task name. FileNotFoundError: the local file is missing.
     """
     if name not in TASKS:
-        raise KeyError(f"unknown zero-shot task {name!r}; choose from {', '.join(TASKS)}")
+        raise ValueError(f"unknown zero-shot task {name!r}; choose from {', '.join(TASKS)}")
     return [TASKS[name].to_doc(row) for row in task_rows(name, data_dir, limit)]

@@ -127,7 +127,7 @@ def test_quantized_model_scores_differ_but_stay_batch_invariant(tiny):
 
 
 def test_unknown_task_and_missing_file_are_clear_errors(tmp_path):
-    with pytest.raises(KeyError, match="unknown zero-shot task"):
+    with pytest.raises(ValueError, match="unknown zero-shot task"):
         load_task("mmlu", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="piqa/validation.jsonl"):
         load_task("piqa", str(tmp_path))
