@@ -37,7 +37,7 @@ class TableConfig:
     settings: W-A-KV triples for the PTQ methods; methods: fp, rtn, smoothquant, gptq.
     qat: trained student folders (one QAT row each, at their saved setting).
     tasks, limit, ppl_limit, seqlen, c4_windows, data_dir, prefix_reuse: as in evaluate.py.
-    calib, calib_samples, calib_seqlen, alpha, gptq_act_order: PTQ settings (quant/baselines.py).
+    calib, calib_samples, calib_seqlen, alpha, gptq_act_order, gptq_percdamp: PTQ settings (quant/baselines.py).
     cache_dir: students and per-row results; output: the markdown table (JSON rows beside it).
     """
 
@@ -54,10 +54,11 @@ class TableConfig:
     prefer_acc_norm: bool = True
     data_dir: Optional[str] = None
     calib: str = "gen_data/all_gen.jsonl"
-    calib_samples: int = 32
+    calib_samples: int = 128
     calib_seqlen: int = 512
     alpha: float = 0.5
     gptq_act_order: bool = False
+    gptq_percdamp: float = 0.01
     cache_dir: str = "runs/table"
     output: str = "runs/table/table.md"
     quant: QuantConfig = field(default_factory=QuantConfig)  # base grid (granularity, kv_position, ...)
@@ -116,7 +117,7 @@ def ptq_student(cfg: TableConfig, method: str, qcfg: QuantConfig) -> str:
     if not (out / "config.json").is_file():
         build(PTQConfig(method=method, model=cfg.model, output_dir=str(out), calib=cfg.calib,
                         calib_samples=cfg.calib_samples, calib_seqlen=cfg.calib_seqlen, alpha=cfg.alpha,
-                        gptq_act_order=cfg.gptq_act_order, data_dir=cfg.data_dir, quant=qcfg))
+                        gptq_act_order=cfg.gptq_act_order, gptq_percdamp=cfg.gptq_percdamp, data_dir=cfg.data_dir, quant=qcfg))
     return str(out)
 
 

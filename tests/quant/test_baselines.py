@@ -127,3 +127,35 @@ def test_ptq_bad_inputs_are_clear_errors(tiny_model_dir, tmp_path, capsys):
     assert quantize_ptq.main(args) == 2
     assert "nope.jsonl" in capsys.readouterr().err
     assert quantize_ptq.main([f"model={tiny_model_dir}", f"output_dir={tmp_path / 'o'}"]) == 2  # all 16 bits
+
+
+def _draw_inputs(mix: torch.Tensor, tokens: int, seed: int) -> torch.Tensor:
+    """Inputs of one fixed distribution (low-rank mix + noise, one outlier channel), fresh samples per seed."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, mix.shape[0], generator=g) @ mix + 0.1 * torch.randn(tokens, mix.shape[1], generator=g)
+    x[:, 3] *= 8
+    return x
+
+
+def test_gptq_generalizes_to_held_out_inputs_given_enough_calibration_tokens():
+    g = torch.Generator().manual_seed(1)
+    mix, w = torch.randn(24, 64, generator=g), torch.randn(48, 64, generator=g) * 0.05
+    spec, held_out = QuantSpec(4), _draw_inputs(mix, 4096, seed=99)
+    calib = _draw_inputs(mix, 20 * 64, seed=5)  # GPTQ_TOKENS_PER_FEATURE tokens per input feature
+    q = gptq_quantize_weight(w, 2 * calib.T.double() @ calib.double() / len(calib), spec, block_size=16)
+    assert recon_error(held_out, w, q) < 0.8 * recon_error(held_out, w, quantize_dequantize(w, spec))
+
+
+def test_too_little_calibration_data_for_gptq_is_a_warning(tiny_model_dir, tmp_path, caplog):
+    from quant.baselines import PTQConfig, calibration_ids
+
+    _, tok = load_model(tiny_model_dir)
+    cfg = PTQConfig(method="gptq", calib=write_calib(tmp_path / "gen.jsonl"), calib_samples=4, calib_seqlen=32)
+    with caplog.at_level("WARNING"):
+        ids = calibration_ids(cfg, tok, min_tokens=10_000)
+    assert ids.shape == (4, 32)
+    assert "GPTQ's Hessians" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        calibration_ids(cfg, tok, min_tokens=64)
+    assert "GPTQ's Hessians" not in caplog.text
