@@ -4,7 +4,7 @@
 #   sh run_table.sh limit=200 settings=[4-8-8,8-8-8] calib=wikitext2 qat=[runs/w4a8kv8/student]
 # Every key is a field of utils/tables.py TableConfig (values in configs/table.yaml). Results are
 # cached per row under cache_dir (runs/table): re-running only evaluates what is missing.
-# About 10 min per row at limit=200 for SmolLM2-135M on a 2-core CPU (see docs/readme/evaluation.md).
+# About 3 min per row at limit=50 for SmolLM2-135M on a 2-core CPU (README, "Evaluation").
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -euo pipefail
 cd "$(dirname "$0")"

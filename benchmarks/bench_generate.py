@@ -1,7 +1,7 @@
 """Data generation throughput: the original one-sequence-at-a-time procedure vs our batched decoder.
 
     flock /tmp/llmqat_heavy.lock python benchmarks/bench_generate.py [model=smollm2-135m max_length=128
-        base_starts=2 ours_starts=64 batch_size=64 threads=0]
+        base_starts=2 ours_starts=256 batch_size=256 threads=0]
 
 Both use the same settings and length budget: greedy lengths 3, 4, 5, then top_k 50 / T 1.0 sampling to
 EOS or `max_length`. The original (LLM-QAT `generate_data.py`) calls HF `generate(do_sample=False,
@@ -26,8 +26,8 @@ GREEDY = (3, 4, 5)
 
 
 def _args(argv):
-    opts = {"model": "smollm2-135m", "max_length": "128", "base_starts": "2", "ours_starts": "64",
-            "batch_size": "64", "threads": "0"}
+    opts = {"model": "smollm2-135m", "max_length": "128", "base_starts": "2", "ours_starts": "256",
+            "batch_size": "256", "threads": "0"}
     for item in argv:
         key, _, value = item.partition("=")
         if key not in opts:

@@ -14,7 +14,7 @@ sequence starts from a single token there is no prefill: a finished row is refil
 the next start token at position 0 (continuous batching), and when no work is left the idle rows
 are dropped from the batch. Each record samples from its own `torch.Generator`, seeded from
 (seed, start token, greedy length), so what a record contains does not depend on which other
-sequences shared its batch (up to float rounding: see docs/readme/generation.md).
+sequences shared its batch (up to float rounding: see the README, "Data-free data").
 """
 
 from __future__ import annotations

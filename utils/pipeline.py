@@ -47,8 +47,9 @@ config values only:
     sh run_table.sh model=/path/llama-7b settings=[4-8-8] methods=[fp,rtn] \\
         qat=[runs/llama7b-w4a8kv8/student] seqlen=2048 cache_dir=runs/table-llama7b output=runs/table-llama7b/table.md
 
-Evaluation (evaluate.py, run_table.sh) has no device key today: it runs where `load_model` puts the
-model, the CPU, which for 7B is slow (hours per row at full task sets).
+Evaluation (evaluate.py, run_table.sh) runs on the GPU when there is one (`device=auto`; add
+`dtype=bfloat16` for 7B). The PTQ baselines (quantize_ptq.py: SmoothQuant, GPTQ) still build their
+students on the CPU, which for 7B is slow.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ logger = logging.getLogger(__name__)
 # Section fields the pipeline sets itself (they connect the stages).
 WIRED = {"generate": ("model", "shard", "out_dir"), "merge": ("in_dir", "output"),
          "train": ("model", "output_dir", "quant", "data.train"), "eval": ("model", "output", "quant", "data_dir")}
-# Rough SmolLM2-135M speeds on the 2-core CPU (runs/logs, docs/readme/evaluation.md); used for the ETA only.
+# Rough SmolLM2-135M speeds on the 2-core CPU (measured runs, README "Results"); used for the ETA only.
 RATES = {"gen_tok_s": 200.0, "train_tok_s": 45.0, "fp_ex_s": 3.5, "quant_ex_s": 2.0, "fp_ppl_tok_s": 400.0,
          "quant_ppl_tok_s": 250.0, "load_s": 5.0}
 
