@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -44,20 +45,28 @@ def read_jsonl(path: PathLike, skip_bad: bool = False) -> list[dict]:
     return [obj for _, obj in iter_jsonl(path, skip_bad)]
 
 
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
+@contextmanager
+def atomic_open(path: PathLike, mode: str = "w"):
+    """Open a temporary file beside `path` for writing; on success fsync and rename it to `path`,
+    on any error remove it: readers see the old file or the complete new one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: never a half-written file."""
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def write_json(path: PathLike, obj) -> None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from utils.gen_io import SHARD_GLOB, read_meta
-from utils.io import JsonlError, write_json
+from utils.io import JsonlError, atomic_open, write_json
 from utils.logging import print0, progress_disabled
 
 logger = logging.getLogger(__name__)
@@ -163,20 +161,12 @@ def missing_shards(paths: list[Path]) -> list[int]:
 
 def _write(paths: list[Path], entries: list[_Entry], output: Path) -> None:
     """Copy the entries' lines, in order, into a temporary file, then rename it to `output`."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=output.name + ".", suffix=".tmp", dir=output.parent)
     files = [p.open("rb") for p in paths]
     try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_open(output, "wb") as out:
             for e in tqdm(entries, desc="write", unit="rec", disable=progress_disabled()):
                 files[e.shard].seek(e.offset)
                 out.write(files[e.shard].read(e.length))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         for f in files:
             f.close()

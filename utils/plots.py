@@ -14,6 +14,14 @@ from typing import Optional, Sequence
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 
 
+def _save(fig, path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def grouped_bars(ax, categories: Sequence[str], series: dict, ylabel: str) -> None:
     """One group of bars per category, one bar per series (label -> values, None = no bar)."""
     width = 0.8 / max(len(series), 1)
@@ -56,11 +64,7 @@ def save_results_plot(rows: list, acc_keys: Sequence[str], path, title: str,
         grouped_bars(ax, labels, series, "accuracy (%)" if panel == "acc" else "perplexity (lower is better)")
     axes[0].legend(fontsize=8, loc="upper left", ncol=len(rows))
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> Path:
@@ -91,11 +95,7 @@ def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def main(argv) -> int:
