@@ -115,17 +115,19 @@ def quantize_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
 def _symmetric_minmax_qdq(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """`quantize_dequantize` for the symmetric MinMax grid with one temporary instead of six.
 
-    The same operations in the same order as `quantize_codes` + `dequantize` (max|x| as
-    max(-min, max), which is exact; x / scale; round; clamp; q * scale; the zero point is 0), done in
-    place on one compute-dtype copy: bit-identical values, a fraction of the memory traffic (this
-    runs on every weight and activation of every training step).
+    The same values as `quantize_codes` + `dequantize`, bit for bit: max|x| is taken as
+    max(-min, max) on `x` itself (exact, and casting to the compute dtype is exact and monotone);
+    then x / scale, round, clamp, q * scale (the zero point is 0) in place on one compute-dtype copy.
+    This runs on every weight and activation of every training step: on CPU `amax` + `amin` are
+    about 8x faster than `aminmax` or `abs().amax`, and the in-place chain saves the temporaries.
     """
     qmax = 2 ** (spec.bits - 1) - 1
-    xg = group_view(x.to(compute_dtype(x.dtype), copy=True), spec.granularity, spec.group_size)
-    lo, hi = torch.aminmax(xg, dim=-1, keepdim=True)
-    scale = torch.maximum(lo.neg_(), hi).div_(qmax)
+    xg = group_view(x, spec.granularity, spec.group_size)
+    max_abs = torch.maximum(xg.amin(dim=-1, keepdim=True).neg_(), xg.amax(dim=-1, keepdim=True))
+    scale = max_abs.to(compute_dtype(x.dtype)).div_(qmax)
     scale.masked_fill_(scale == 0, 1.0)
-    return xg.div_(scale).round_().clamp_(-qmax, qmax).mul_(scale).reshape(x.shape).to(x.dtype)
+    q = group_view(x.to(scale.dtype, copy=True), spec.granularity, spec.group_size)
+    return q.div_(scale).round_().clamp_(-qmax, qmax).mul_(scale).reshape(x.shape).to(x.dtype)
 
 
 def quantize_dequantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -96,3 +96,53 @@ def test_frozen_weight_quantizers_give_identical_logits(tiny_model_dir):
         before = model(ids).logits
         assert freeze_weight_quantizers(model) == 14
         assert torch.equal(model(ids).logits, before)
+
+
+def test_table_rows_per_setting_with_distinct_students_and_no_smoothquant_at_a16(tmp_path, monkeypatch):
+    """QAT rows follow their setting's PTQ rows; two `<run>/student` folders at one setting are two
+    rows (and two cache entries); SmoothQuant has no row where activations are not quantized."""
+    import models
+    import utils.tables as tables
+
+    saved = {"runs/a/student": QuantConfig(w_bits=4, a_bits=16, kv_bits=16),
+             "runs/b/student": QuantConfig(w_bits=4, a_bits=16, kv_bits=16),
+             "runs/c/student": QuantConfig(w_bits=8, a_bits=8, kv_bits=8),
+             "runs/d/student": QuantConfig(w_bits=2, a_bits=16, kv_bits=16)}
+    ppl = {"fp": 20.0, "rtn-W4A16KV16": 60.0, "gptq-W4A16KV16": 50.0, "qat-a-W4A16KV16": 30.0,
+           "qat-b-W4A16KV16": 40.0, "rtn-W8A8KV8": 22.0, "smoothquant-W8A8KV8": 21.0, "gptq-W8A8KV8": 22.0,
+           "qat-c-W8A8KV8": 21.5, "qat-d-W2A16KV16": 90.0}
+    evaluated = []
+
+    def fake_results(cfg, row, model, quant):
+        evaluated.append(row)
+        return {"results": {"wikitext2": {"ppl": ppl[row]}}}
+
+    monkeypatch.setattr(tables, "cached_results", fake_results)
+    monkeypatch.setattr(tables, "ptq_student", lambda cfg, method, qcfg: f"students/{method}")
+    monkeypatch.setattr(models, "read_quant_config", lambda folder: saved[folder])
+    cfg = load_config(tables.TableConfig, ["settings=[4-16-16,8-8-8]", "methods=[fp,rtn,smoothquant,gptq]",
+                                           f"qat=[{','.join(saved)}]", "tasks=[wikitext2]",
+                                           f"output={tmp_path / 'table.md'}"], default_yaml="configs/table.yaml")
+    rows = tables.run(cfg)
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("FP", "16-16-16"), ("RTN", "4-16-16"), ("GPTQ", "4-16-16"), ("QAT (a)", "4-16-16"), ("QAT (b)", "4-16-16"),
+        ("RTN", "8-8-8"), ("SmoothQuant", "8-8-8"), ("GPTQ", "8-8-8"), ("QAT (c)", "8-8-8"), ("QAT (d)", "2-16-16")]
+    assert "smoothquant-W4A16KV16" not in evaluated and len(set(evaluated)) == len(evaluated)
+    by = {(r["method"], r["setting"]): r for r in rows}
+    assert by[("QAT (a)", "4-16-16")]["recovered_ppl"] == pytest.approx(75.0)  # (60 - 30) / (60 - 20)
+    assert by[("GPTQ", "4-16-16")]["recovered_ppl"] == pytest.approx(25.0)
+    assert by[("SmoothQuant", "8-8-8")]["recovered_ppl"] == pytest.approx(50.0)
+    assert "recovered_ppl" not in by[("RTN", "8-8-8")] and "recovered_ppl" not in by[("QAT (d)", "2-16-16")]
+    assert "recovered % (Wiki2 ppl)" in (tmp_path / "table.md").read_text()
+
+
+def test_recovered_plot_is_written_and_refuses_rows_without_it(tmp_path):
+    from utils.plots import save_recovered_plot
+
+    rows = [{"method": "QAT (w4a8kv8)", "setting": "4-8-8", "recovered_ppl": 60.0},
+            {"method": "GPTQ", "setting": "4-8-8", "recovered_ppl": 35.0},
+            {"method": "QAT (w4a8kv4)", "setting": "4-8-4", "recovered_ppl": 66.0}]
+    path = save_recovered_plot(rows, tmp_path / "rec.png", "recovered")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    with pytest.raises(ValueError, match="recovered_ppl"):
+        save_recovered_plot([{"method": "FP", "setting": "16-16-16"}], tmp_path / "none.png", "x")

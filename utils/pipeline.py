@@ -356,11 +356,6 @@ def table_rows(cfg: PipelineConfig, tasks: list, payloads: dict) -> list[dict]:
     settings = {"FP": "16-16-16", "RTN": setting, "QAT": setting}
     rows = [table_row(view, name, settings[name], payload) for name, payload in payloads.items()]
     add_recovered(rows)
-    by = {r["method"]: r for r in rows}
-    if {"FP", "RTN", "QAT"} <= set(by) and "wikitext2" in by["FP"]:
-        gap = by["FP"]["wikitext2"] - by["RTN"]["wikitext2"]
-        if gap:
-            by["QAT"]["recovered_ppl"] = 100 * (by["QAT"]["wikitext2"] - by["RTN"]["wikitext2"]) / gap
     return rows
 
 

@@ -67,6 +67,35 @@ def save_results_plot(rows: list, acc_keys: Sequence[str], path, title: str,
     return _save(fig, path)
 
 
+def save_recovered_plot(rows: list, path, title: str, key: str = "recovered_ppl") -> Path:
+    """Recovered % of the FP -> RTN gap (`key`, as utils.tables.add_recovered writes it) per W-A-KV
+    setting, one bar per method (QAT, SmoothQuant, GPTQ), as one PNG. 100 % = FP, 0 % = RTN.
+
+    Raises:
+        ValueError: no row has `key`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    kept = [r for r in rows if key in r]
+    if not kept:
+        raise ValueError(f"nothing to plot: no row has {key!r}")
+    settings = list(dict.fromkeys(r["setting"] for r in kept))
+    methods = list(dict.fromkeys(r["method"].split(" (")[0] for r in kept))
+    series = {m: [next((r[key] for r in kept if r["setting"] == s and r["method"].split(" (")[0] == m), None)
+                  for s in settings] for m in methods}
+    fig = Figure(figsize=(2.5 + 1.1 * len(settings), 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    grouped_bars(ax, settings, series, "recovered % of the FP -> RTN gap")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.axhline(100, color="gray", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("W-A-KV")
+    ax.legend(fontsize=8, loc="upper left", ncol=len(methods))
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
 def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> Path:
     """Training loss (per logging step) and held-out KD loss (per eval step) from a run's
     `metrics.jsonl` (written by utils/trainer.py), as one PNG.
@@ -99,15 +128,17 @@ def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> 
 
 
 def main(argv) -> int:
-    """python -m utils.plots curve METRICS_JSONL OUT.png | table TABLE_JSON OUT.png [title]"""
+    """python -m utils.plots curve METRICS_JSONL OUT.png | table TABLE_JSON OUT.png | recovered TABLE_JSON OUT.png [title]"""
     import json
 
-    if len(argv) < 3 or argv[0] not in ("curve", "table"):
+    if len(argv) < 3 or argv[0] not in ("curve", "table", "recovered"):
         print(main.__doc__)
         return 2
     kind, src, out, title = argv[0], argv[1], argv[2], " ".join(argv[3:])
     if kind == "curve":
         save_training_curve(src, out, title or "QAT-KD training")
+    elif kind == "recovered":
+        save_recovered_plot(json.loads(Path(src).read_text()), out, title or "recovered % of the FP -> RTN gap")
     else:
         rows = json.loads(Path(src).read_text())
         for r in rows:

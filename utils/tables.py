@@ -7,8 +7,9 @@ For every (method, setting) the table needs, a cached result file `cache_dir/res
 is reused; only missing tasks are evaluated (same limit / seqlen / c4_windows, else re-run). PTQ
 students are built once under `cache_dir/students/` (quant/baselines.py). QAT rows come from given
 student folders; their setting is their saved quant config. Accuracy per task: acc_norm where the
-harness defines it (`prefer_acc_norm`), else acc. "recovered %" of a QAT row = (QAT - RTN) /
-(FP - RTN) of the zero-shot average at the same setting.
+harness defines it (`prefer_acc_norm`), else acc. "recovered %" of a QAT / SmoothQuant / GPTQ row =
+(row - RTN) / (FP - RTN) at the same setting, on the zero-shot average and on WikiText-2 perplexity.
+SmoothQuant rows are only made where activations are quantized (A < 16).
 """
 
 from __future__ import annotations
@@ -136,18 +137,29 @@ def table_row(cfg: TableConfig, method: str, tag: str, payload: dict) -> dict:
     return row
 
 
+def _recovered(value, rtn, fp):
+    return None if None in (value, rtn, fp) or fp == rtn else 100 * (value - rtn) / (fp - rtn)
+
+
 def add_recovered(rows: list) -> None:
-    """recovered % of each QAT row: (QAT - RTN) / (FP - RTN) of the zero-shot average."""
-    fp = next((r["avg"] for r in rows if r["method"] == "FP" and "avg" in r), None)
+    """Recovered % of the FP -> RTN gap, for every row that is neither FP nor RTN (QAT, SmoothQuant,
+    GPTQ), against the RTN row of the same setting: `recovered` on the zero-shot average,
+    `recovered_ppl` on WikiText-2 perplexity, both (row - RTN) / (FP - RTN)."""
+    fp = next((r for r in rows if r["method"] == "FP"), {})
     for row in rows:
-        rtn = next((r.get("avg") for r in rows if r["method"] == "RTN" and r["setting"] == row["setting"]), None)
-        if row["method"].startswith("QAT") and None not in (fp, rtn) and fp != rtn:
-            row["recovered"] = 100 * (row["avg"] - rtn) / (fp - rtn)
+        if row["method"] in ("FP", "RTN"):
+            continue
+        rtn = next((r for r in rows if r["method"] == "RTN" and r["setting"] == row["setting"]), {})
+        for key, metric in (("recovered", "avg"), ("recovered_ppl", "wikitext2")):
+            value = _recovered(row.get(metric), rtn.get(metric), fp.get(metric))
+            if value is not None:
+                row[key] = value
 
 
 def markdown(rows: list, cfg: TableConfig) -> str:
-    cols = [t for t in ZERO_SHOT_TASKS if t in cfg.tasks] + ["avg", "wikitext2", "c4", "recovered"]
-    heads = [NAMES.get(c, c) for c in cols[:-4]] + ["Avg", "Wiki2 ppl", "C4 ppl", "recovered %"]
+    cols = [t for t in ZERO_SHOT_TASKS if t in cfg.tasks] + ["avg", "wikitext2", "c4", "recovered", "recovered_ppl"]
+    heads = [NAMES.get(c, c) for c in cols[:-5]] + ["Avg", "Wiki2 ppl", "C4 ppl", "recovered % (Avg)",
+                                                    "recovered % (Wiki2 ppl)"]
     lines = ["| Method | W-A-KV | " + " | ".join(heads) + " |", "|---|---|" + "---:|" * len(heads)]
     for r in rows:
         cells = [f"{r[c]:.1f}" if c in r and c not in ("wikitext2", "c4") else
@@ -155,13 +167,43 @@ def markdown(rows: list, cfg: TableConfig) -> str:
         lines.append(f"| {r['method']} | {r['setting']} | " + " | ".join(cells) + " |")
     note = (f"\n{cfg.model}; limit={cfg.limit} examples per task, ppl_limit={cfg.ppl_limit} windows, "
             f"seqlen={cfg.seqlen}; "
-            f"accuracy in %, {'acc_norm where defined' if cfg.prefer_acc_norm else 'acc'}.\n")
+            f"accuracy in %, {'acc_norm where defined' if cfg.prefer_acc_norm else 'acc'}; "
+            f"recovered % = (row - RTN) / (FP - RTN) at the same setting.\n")
     return "\n".join(lines) + "\n" + note
+
+
+def applies(method: str, qcfg: QuantConfig) -> bool:
+    """SmoothQuant moves activation outliers into the weights: it needs quantized activations."""
+    return not (method == "smoothquant" and qcfg.a_bits >= 16)
+
+
+def _student_name(folder: str) -> str:
+    """Row name of a QAT student: its folder, or the run folder above it for `<run>/student`
+    (so runs/w4a8kv8/student and runs/ce/student get distinct rows and cache entries)."""
+    path = Path(folder).resolve()
+    return path.parent.name if path.name == "student" else path.name
 
 
 def run(cfg: TableConfig) -> list:
     """Evaluate every missing row and write the table (markdown) and its rows (JSON)."""
     from models import read_quant_config
+
+    students = []
+    for folder in cfg.qat:
+        qcfg = read_quant_config(folder)
+        if qcfg is None:
+            raise FileNotFoundError(f"QAT student {folder} has no quant_config.json")
+        students.append((folder, qcfg, f"{qcfg.w_bits}-{qcfg.a_bits}-{qcfg.kv_bits}"))
+
+    def qat_rows(setting: Optional[str]) -> list:
+        """QAT rows at `setting` (None: those at no setting of cfg.settings), after its PTQ rows."""
+        out = []
+        for folder, qcfg, tag in students:
+            if tag == setting or (setting is None and tag not in cfg.settings):
+                name = _student_name(folder)
+                payload = cached_results(cfg, f"qat-{name}-{qcfg.tag()}", folder, qcfg)
+                out.append(table_row(cfg, f"QAT ({name})", tag, payload))
+        return out
 
     rows = []
     if "fp" in cfg.methods:
@@ -169,17 +211,15 @@ def run(cfg: TableConfig) -> list:
     for setting in cfg.settings:
         qcfg = parse_setting(setting, cfg.quant)
         for method in (m for m in cfg.methods if m != "fp"):
+            if not applies(method, qcfg):
+                logger.info("%s does not apply at %s (activations not quantized): no row", method, setting)
+                continue
             model = cfg.model if method == "rtn" else ptq_student(cfg, method, qcfg)
             payload = cached_results(cfg, f"{method}-{qcfg.tag()}", model, qcfg)
             rows.append(table_row(cfg, {"rtn": "RTN", "smoothquant": "SmoothQuant", "gptq": "GPTQ"}[method],
                                   setting, payload))
-    for folder in cfg.qat:
-        qcfg = read_quant_config(folder)
-        if qcfg is None:
-            raise FileNotFoundError(f"QAT student {folder} has no quant_config.json")
-        name = Path(folder).resolve().name
-        payload = cached_results(cfg, f"qat-{name}-{qcfg.tag()}", folder, qcfg)
-        rows.append(table_row(cfg, f"QAT ({name})", f"{qcfg.w_bits}-{qcfg.a_bits}-{qcfg.kv_bits}", payload))
+        rows += qat_rows(setting)
+    rows += qat_rows(None)
     add_recovered(rows)
     out = Path(cfg.output)
     atomic_write_text(out, markdown(rows, cfg))

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The LLM-QAT README grid on the default model (docs/RESULTS.md, section 2): for each W-A-KV setting
+# a QAT student (150 steps x 256 tokens of the self-generated set, the recipe of RESULTS section 1)
+# and the RTN / SmoothQuant (A < 16) / GPTQ / QAT rows on the eight zero-shot tasks (first 50
+# examples each) + WikiText-2 and C4 perplexity (first 4 windows x 2048), then the whole table
+# (runs/table/table.md, .json) and the recovered-% chart (runs/table/recovered.png).
+#   bash scripts/run_grid.sh                    # all eight settings: ~15 min each on a 2-core CPU
+#   bash scripts/run_grid.sh 4-8-4 4-16-16      # some settings (the table holds every cached row)
+# Idempotent: a setting whose student exists is not retrained; table rows are cached in runs/table.
+# Needs gen_data/all_gen.jsonl (sh run_generate.sh 2 n_vocab=40 max_length=256 batch_size=64, then
+# python merge_gen_data.py) and the evaluation data (LLMQAT_DATA_DIR, default ../shared/data).
+# Calibration: SmoothQuant on 32 x 512 self-generated tokens (data-free); GPTQ on 64 x 512 WikiText-2
+# validation tokens with dampening 0.1 (the generated set is too small for GPTQ's Hessians: README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ALL="4-8-4 4-8-8 4-6-16 4-8-16 4-16-16 8-8-4 8-8-8 8-8-16"
+SETTINGS=${*:-$ALL}
+DATA=${LLMQAT_DATA_DIR:-../shared/data}
+GEN=gen_data/all_gen.jsonl
+TABLE=(limit=50 ppl_limit=4 "data_dir=$DATA")
+if [ ! -f "$GEN" ]; then
+  echo "missing $GEN: sh run_generate.sh 2 n_vocab=40 max_length=256 batch_size=64 && python merge_gen_data.py" >&2
+  exit 1
+fi
+students=()
+for s in $SETTINGS; do
+  IFS=- read -r w a kv <<< "$s"
+  run="runs/w${w}a${a}kv${kv}"
+  if [ ! -f "$run/student/quant_config.json" ]; then
+    echo "== QAT $s -> $run"
+    sh run_train.sh "$w" "$a" "$kv" data.train=$GEN output_dir="$run" max_steps=150 model_max_length=256 \
+      learning_rate=1e-4 warmup_steps=10 logging_steps=10 eval_steps=50
+  fi
+  students+=("$run/student")
+  echo "== table rows $s"
+  sh run_table.sh "${TABLE[@]}" settings="[$s]" methods=[fp,rtn,smoothquant] calib=$GEN calib_samples=32 \
+    qat="[$run/student]" output=runs/table/last.md
+  sh run_table.sh "${TABLE[@]}" settings="[$s]" methods=[gptq] calib=wikitext2 calib_samples=64 \
+    gptq_percdamp=0.1 output=runs/table/last.md
+done
+# The whole table from the cache: every setting whose rows exist (nothing is re-evaluated).
+done_settings=()
+done_students=()
+for s in $ALL; do
+  IFS=- read -r w a kv <<< "$s"
+  if [ -f "runs/w${w}a${a}kv${kv}/student/quant_config.json" ] && \
+     [ -f "runs/table/results/gptq-W${w}A${a}KV${kv}.json" ]; then
+    done_settings+=("$s")
+    done_students+=("runs/w${w}a${a}kv${kv}/student")
+  fi
+done
+join() { local IFS=,; echo "$*"; }
+sh run_table.sh "${TABLE[@]}" settings="[$(join "${done_settings[@]}")]" methods=[fp,rtn,smoothquant,gptq] \
+  calib=wikitext2 calib_samples=64 gptq_percdamp=0.1 qat="[$(join "${done_students[@]}")]"
+PYTHONPATH=. "${PYTHON:-.venv/bin/python}" -m utils.plots recovered runs/table/table.json runs/table/recovered.png \
+  "SmolLM2-135M: recovered % of the FP -> RTN WikiText-2 perplexity gap"
