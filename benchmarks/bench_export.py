@@ -182,7 +182,8 @@ def artifact_row(cfg, fmt: str, path: Path, student, ref, windows, llama_q4) -> 
         scores, load_s, load_mb = llama_cpp_scores(path, windows, cfg.threads)
         row.update(load_s=round(load_s, 2), load_mem_mb=round(load_mb), **summarize(scores, ref, tokens))
         if fmt == "gguf_q4_0":
-            row["note"] = f"decoder tensors byte-identical to llama.cpp's Q4_0: {same_decoder_tensors(path, llama_q4)}"
+            row["note"] = (f"decoder tensors byte-identical to llama.cpp's Q4_0 of the teacher: "
+                           f"{same_decoder_tensors(path, llama_q4)}")
     return row
 
 
