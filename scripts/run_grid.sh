@@ -54,3 +54,9 @@ sh run_table.sh "${TABLE[@]}" settings="[$(join "${done_settings[@]}")]" methods
   calib=wikitext2 calib_samples=64 gptq_percdamp=0.1 qat="[$(join "${done_students[@]}")]"
 PYTHONPATH=. "${PYTHON:-.venv/bin/python}" -m utils.plots recovered runs/table/table.json runs/table/recovered.png \
   "SmolLM2-135M: recovered % of the FP -> RTN WikiText-2 perplexity gap"
+curves=()
+for s in "${done_settings[@]}"; do
+  IFS=- read -r w a kv <<< "$s"
+  curves+=("$s=runs/w${w}a${a}kv${kv}/metrics.jsonl")
+done
+PYTHONPATH=. "${PYTHON:-.venv/bin/python}" -m utils.plots curves runs/table/training_curves.png "${curves[@]}"

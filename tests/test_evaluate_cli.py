@@ -146,3 +146,18 @@ def test_recovered_plot_is_written_and_refuses_rows_without_it(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     with pytest.raises(ValueError, match="recovered_ppl"):
         save_recovered_plot([{"method": "FP", "setting": "16-16-16"}], tmp_path / "none.png", "x")
+
+
+def test_training_curves_plot_one_line_per_run(tmp_path):
+    from utils.plots import save_training_curves
+
+    runs = {}
+    for name, losses in (("4-8-8", [0.6, 0.3, 0.28]), ("4-8-4", [1.0, 0.5, 0.44]), ("no-eval", None)):
+        rows = [{"step": 10 * i, **({"val_kd_loss": v} if losses else {"loss": 1.0})}
+                for i, v in enumerate(losses or [1, 2])]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = tmp_path / f"{name}.jsonl"
+    path = save_training_curves(runs, tmp_path / "curves.png", "held-out")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="val_kd_loss"):
+        save_training_curves({"no-eval": runs["no-eval"]}, tmp_path / "none.png", "x")

@@ -127,13 +127,50 @@ def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> 
     return _save(fig, path)
 
 
+def save_training_curves(runs: dict, path, title: str, key: str = "val_kd_loss") -> Path:
+    """One line per run (label -> its `metrics.jsonl`) of `key` against the optimizer step, as one PNG
+    (e.g. the held-out KD loss of every W-A-KV setting of the grid). Runs without `key` are left out.
+
+    Raises:
+        ValueError: no run has any `key` record.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from utils.io import read_jsonl
+
+    fig = Figure(figsize=(6.4, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    drawn = 0
+    for i, (label, metrics) in enumerate(runs.items()):
+        points = [(r["step"], r[key]) for r in read_jsonl(metrics) if key in r]
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], "o-", label=label, color=COLORS[i % len(COLORS)])
+            drawn += 1
+    if not drawn:
+        raise ValueError(f"no run has {key!r} records: {list(runs.values())}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
 def main(argv) -> int:
-    """python -m utils.plots curve METRICS_JSONL OUT.png | table TABLE_JSON OUT.png | recovered TABLE_JSON OUT.png [title]"""
+    """python -m utils.plots curve METRICS_JSONL OUT.png [title]
+                            | curves OUT.png LABEL=METRICS_JSONL [LABEL=METRICS_JSONL ...]
+                            | table TABLE_JSON OUT.png [title] | recovered TABLE_JSON OUT.png [title]"""
     import json
 
-    if len(argv) < 3 or argv[0] not in ("curve", "table", "recovered"):
+    if len(argv) < 3 or argv[0] not in ("curve", "curves", "table", "recovered"):
         print(main.__doc__)
         return 2
+    if argv[0] == "curves":
+        runs = dict(arg.split("=", 1) for arg in argv[2:])
+        print(save_training_curves(runs, argv[1], "held-out KD loss per W-A-KV setting"))
+        return 0
     kind, src, out, title = argv[0], argv[1], argv[2], " ".join(argv[3:])
     if kind == "curve":
         save_training_curve(src, out, title or "QAT-KD training")
