@@ -3,8 +3,9 @@
 # a QAT student (150 steps x 256 tokens of the self-generated set, the recipe of RESULTS section 1)
 # and the RTN / SmoothQuant (A < 16) / GPTQ / QAT rows on the eight zero-shot tasks (first 50
 # examples each) + WikiText-2 and C4 perplexity (first 4 windows x 2048), then the whole table
-# (runs/table/table.md, .json) and the recovered-% chart (runs/table/recovered.png).
-#   bash scripts/run_grid.sh                    # all eight settings: ~15 min each on a 2-core CPU
+# (runs/table/table.md, .json), the recovered-% chart (runs/table/recovered.png) and the held-out KD
+# loss of every setting (runs/table/training_curves.png).
+#   bash scripts/run_grid.sh                    # all eight settings: ~20 min each on a 2-core CPU
 #   bash scripts/run_grid.sh 4-8-4 4-16-16      # some settings (the table holds every cached row)
 # Idempotent: a setting whose student exists is not retrained; table rows are cached in runs/table.
 # Needs gen_data/all_gen.jsonl (sh run_generate.sh 2 n_vocab=40 max_length=256 batch_size=64, then
