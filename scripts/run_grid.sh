@@ -7,6 +7,7 @@
 # loss of every setting (runs/table/training_curves.png).
 #   bash scripts/run_grid.sh                    # all eight settings: ~20 min each on a 2-core CPU
 #   bash scripts/run_grid.sh 4-8-4 4-16-16      # some settings (the table holds every cached row)
+#   GRID_METHODS=rtn bash scripts/run_grid.sh    # QAT + RTN rows first (~14 min a setting), baselines later
 # Idempotent: a setting whose student exists is not retrained; table rows are cached in runs/table.
 # Needs gen_data/all_gen.jsonl (sh run_generate.sh 2 n_vocab=40 max_length=256 batch_size=64, then
 # python merge_gen_data.py) and the evaluation data (LLMQAT_DATA_DIR, default ../shared/data).
@@ -18,6 +19,7 @@ ALL="4-8-4 4-8-8 4-6-16 4-8-16 4-16-16 8-8-4 8-8-8 8-8-16"
 SETTINGS=${*:-$ALL}
 DATA=${LLMQAT_DATA_DIR:-../shared/data}
 GEN=gen_data/all_gen.jsonl
+METHODS=${GRID_METHODS:-rtn smoothquant gptq}  # GRID_METHODS=rtn: RTN + QAT rows only (the baselines later)
 TABLE=(limit=50 ppl_limit=4 "data_dir=$DATA")
 if [ ! -f "$GEN" ]; then
   echo "missing $GEN: sh run_generate.sh 2 n_vocab=40 max_length=256 batch_size=64 && python merge_gen_data.py" >&2
@@ -34,10 +36,14 @@ for s in $SETTINGS; do
   fi
   students+=("$run/student")
   echo "== table rows $s"
-  sh run_table.sh "${TABLE[@]}" settings="[$s]" methods=[fp,rtn,smoothquant] calib=$GEN calib_samples=32 \
+  first=fp,rtn
+  case " $METHODS " in *" smoothquant "*) first=$first,smoothquant ;; esac
+  sh run_table.sh "${TABLE[@]}" settings="[$s]" methods="[$first]" calib=$GEN calib_samples=32 \
     qat="[$run/student]" output=runs/table/last.md
-  sh run_table.sh "${TABLE[@]}" settings="[$s]" methods=[gptq] calib=wikitext2 calib_samples=64 \
-    gptq_percdamp=0.1 output=runs/table/last.md
+  case " $METHODS " in *" gptq "*)
+    sh run_table.sh "${TABLE[@]}" settings="[$s]" methods=[gptq] calib=wikitext2 calib_samples=64 \
+      gptq_percdamp=0.1 output=runs/table/last.md ;;
+  esac
 done
 # The whole table from the cache: every setting whose rows exist (nothing is re-evaluated).
 done_settings=()
@@ -45,14 +51,15 @@ done_students=()
 for s in $ALL; do
   IFS=- read -r w a kv <<< "$s"
   if [ -f "runs/w${w}a${a}kv${kv}/student/quant_config.json" ] && \
-     [ -f "runs/table/results/gptq-W${w}A${a}KV${kv}.json" ]; then
+     [ -f "runs/table/results/rtn-W${w}A${a}KV${kv}.json" ]; then
     done_settings+=("$s")
     done_students+=("runs/w${w}a${a}kv${kv}/student")
   fi
 done
 join() { local IFS=,; echo "$*"; }
+# only_cached: a SmoothQuant / GPTQ row not evaluated yet (GRID_METHODS=rtn) is left out, not built
 sh run_table.sh "${TABLE[@]}" settings="[$(join "${done_settings[@]}")]" methods=[fp,rtn,smoothquant,gptq] \
-  calib=wikitext2 calib_samples=64 gptq_percdamp=0.1 qat="[$(join "${done_students[@]}")]"
+  only_cached=true qat="[$(join "${done_students[@]}")]"
 PYTHONPATH=. "${PYTHON:-.venv/bin/python}" -m utils.plots recovered runs/table/table.json runs/table/recovered.png \
   "SmolLM2-135M: recovered % of the FP -> RTN WikiText-2 perplexity gap"
 curves=()

@@ -161,3 +161,22 @@ def test_training_curves_plot_one_line_per_run(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="val_kd_loss"):
         save_training_curves({"no-eval": runs["no-eval"]}, tmp_path / "none.png", "x")
+
+
+def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tmp_path, monkeypatch):
+    import utils.evaluation
+    import utils.tables as tables
+
+    cfg = load_config(tables.TableConfig, ["settings=[4-8-8,8-8-8]", "methods=[fp,rtn,gptq]", "tasks=[wikitext2]",
+                                           "only_cached=true", f"cache_dir={tmp_path}",
+                                           f"output={tmp_path / 'table.md'}"], default_yaml="configs/table.yaml")
+    keys = {"limit": cfg.limit, "ppl_limit": cfg.ppl_limit, "seqlen": cfg.seqlen, "c4_windows": cfg.c4_windows}
+    (tmp_path / "results").mkdir()
+    for row, ppl in (("fp", 20.0), ("rtn-W4A8KV8", 60.0)):
+        (tmp_path / "results" / f"{row}.json").write_text(json.dumps({"config": keys,
+                                                                      "results": {"wikitext2": {"ppl": ppl}}}))
+    monkeypatch.setattr(utils.evaluation, "run", lambda cfg: pytest.fail("only_cached must not evaluate"))
+    monkeypatch.setattr(tables, "ptq_student", lambda *a: pytest.fail("only_cached must not build students"))
+    rows = tables.run(cfg)
+    assert [(r["method"], r["setting"], r["wikitext2"]) for r in rows] == [("FP", "16-16-16", 20.0),
+                                                                        ("RTN", "4-8-8", 60.0)]

@@ -40,6 +40,7 @@ class TableConfig:
     tasks, limit, ppl_limit, seqlen, c4_windows, data_dir, prefix_reuse: as in evaluate.py.
     calib, calib_samples, calib_seqlen, alpha, gptq_act_order, gptq_percdamp: PTQ settings (quant/baselines.py).
     cache_dir: students and per-row results; output: the markdown table (JSON rows beside it).
+    only_cached: leave out (with a log line) every row not yet in the cache instead of computing it.
     """
 
     model: str = "smollm2-135m"
@@ -62,6 +63,7 @@ class TableConfig:
     gptq_percdamp: float = 0.01
     cache_dir: str = "runs/table"
     output: str = "runs/table/table.md"
+    only_cached: bool = False  # report the rows already evaluated for `tasks`: build and evaluate nothing
     quant: QuantConfig = field(default_factory=QuantConfig)  # base grid (granularity, kv_position, ...)
 
     def __post_init__(self):
@@ -89,8 +91,9 @@ def _eval_config(cfg: TableConfig, model: str, quant: QuantConfig, tasks: list, 
                       output=str(output), quant=quant)
 
 
-def cached_results(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -> dict:
-    """Results of one row for `cfg.tasks`, evaluating only the tasks not cached yet."""
+def cached_results(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -> Optional[dict]:
+    """Results of one row for `cfg.tasks`, evaluating only the tasks not cached yet (None: not all
+    cached and `cfg.only_cached`)."""
     import json
 
     from utils.evaluation import run as evaluate
@@ -101,6 +104,9 @@ def cached_results(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -
     same = all(cached.get("config", {}).get(k) == getattr(cfg, k) for k in keys)
     results = cached["results"] if same else {}
     missing = [t for t in cfg.tasks if t not in results]
+    if missing and cfg.only_cached:
+        logger.info("%s: not cached for %s, left out (only_cached)", row, missing)
+        return None
     if missing:
         logger.info("%s: evaluating %s", row, missing)
         fresh = evaluate(_eval_config(cfg, model, quant, missing, path))
@@ -202,20 +208,28 @@ def run(cfg: TableConfig) -> list:
             if tag == setting or (setting is None and tag not in cfg.settings):
                 name = _student_name(folder)
                 payload = cached_results(cfg, f"qat-{name}-{qcfg.tag()}", folder, qcfg)
-                out.append(table_row(cfg, f"QAT ({name})", tag, payload))
+                if payload is not None:
+                    out.append(table_row(cfg, f"QAT ({name})", tag, payload))
         return out
 
     rows = []
-    if "fp" in cfg.methods:
-        rows.append(table_row(cfg, "FP", "16-16-16", cached_results(cfg, "fp", cfg.model, QuantConfig())))
+    payload = cached_results(cfg, "fp", cfg.model, QuantConfig()) if "fp" in cfg.methods else None
+    if payload is not None:
+        rows.append(table_row(cfg, "FP", "16-16-16", payload))
     for setting in cfg.settings:
         qcfg = parse_setting(setting, cfg.quant)
         for method in (m for m in cfg.methods if m != "fp"):
             if not applies(method, qcfg):
                 logger.info("%s does not apply at %s (activations not quantized): no row", method, setting)
                 continue
+            row = f"{method}-{qcfg.tag()}"
+            if cfg.only_cached and not (Path(cfg.cache_dir) / "results" / f"{row}.json").is_file():
+                logger.info("%s: not cached, left out (only_cached)", row)
+                continue
             model = cfg.model if method == "rtn" else ptq_student(cfg, method, qcfg)
-            payload = cached_results(cfg, f"{method}-{qcfg.tag()}", model, qcfg)
+            payload = cached_results(cfg, row, model, qcfg)
+            if payload is None:
+                continue
             rows.append(table_row(cfg, {"rtn": "RTN", "smoothquant": "SmoothQuant", "gptq": "GPTQ"}[method],
                                   setting, payload))
         rows += qat_rows(setting)
