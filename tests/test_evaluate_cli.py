@@ -180,3 +180,13 @@ def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tmp_path, m
     rows = tables.run(cfg)
     assert [(r["method"], r["setting"], r["wikitext2"]) for r in rows] == [("FP", "16-16-16", 20.0),
                                                                         ("RTN", "4-8-8", 60.0)]
+
+
+def test_no_recovered_share_where_rtn_lost_nothing():
+    from utils.tables import add_recovered
+
+    rows = [{"method": "FP", "setting": "16-16-16", "avg": 41.8, "wikitext2": 24.0},
+            {"method": "RTN", "setting": "4-8-4", "avg": 42.8, "wikitext2": 106.0},  # noise: above FP
+            {"method": "QAT (x)", "setting": "4-8-4", "avg": 40.5, "wikitext2": 49.0}]
+    add_recovered(rows)
+    assert "recovered" not in rows[2] and rows[2]["recovered_ppl"] == pytest.approx(100 * 57 / 82)

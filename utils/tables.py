@@ -143,21 +143,26 @@ def table_row(cfg: TableConfig, method: str, tag: str, payload: dict) -> dict:
     return row
 
 
-def _recovered(value, rtn, fp):
-    return None if None in (value, rtn, fp) or fp == rtn else 100 * (value - rtn) / (fp - rtn)
+def _recovered(value, rtn, fp, higher_is_better: bool):
+    """(value - rtn) / (fp - rtn) in %, or None when RTN lost nothing to recover (at n = 50 examples
+    per task RTN's zero-shot average can sit above FP's: the ratio would then be noise with a sign)."""
+    if None in (value, rtn, fp) or (fp <= rtn if higher_is_better else fp >= rtn):
+        return None
+    return 100 * (value - rtn) / (fp - rtn)
 
 
 def add_recovered(rows: list) -> None:
     """Recovered % of the FP -> RTN gap, for every row that is neither FP nor RTN (QAT, SmoothQuant,
     GPTQ), against the RTN row of the same setting: `recovered` on the zero-shot average,
-    `recovered_ppl` on WikiText-2 perplexity, both (row - RTN) / (FP - RTN)."""
+    `recovered_ppl` on WikiText-2 perplexity, both (row - RTN) / (FP - RTN); none where RTN is not
+    worse than FP."""
     fp = next((r for r in rows if r["method"] == "FP"), {})
     for row in rows:
         if row["method"] in ("FP", "RTN"):
             continue
         rtn = next((r for r in rows if r["method"] == "RTN" and r["setting"] == row["setting"]), {})
-        for key, metric in (("recovered", "avg"), ("recovered_ppl", "wikitext2")):
-            value = _recovered(row.get(metric), rtn.get(metric), fp.get(metric))
+        for key, metric, higher in (("recovered", "avg", True), ("recovered_ppl", "wikitext2", False)):
+            value = _recovered(row.get(metric), rtn.get(metric), fp.get(metric), higher)
             if value is not None:
                 row[key] = value
 
