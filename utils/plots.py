@@ -14,6 +14,16 @@ from typing import Optional, Sequence
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 
 
+def _figure(figsize):
+    """A matplotlib Figure on the Agg canvas (no display, no pyplot global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _save(fig, path) -> Path:
     fig.tight_layout()
     path = Path(path)
@@ -44,9 +54,6 @@ def save_results_plot(rows: list, acc_keys: Sequence[str], path, title: str,
     Raises:
         ValueError: no row has any of the keys (nothing to plot).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     names = names or {}
     acc_keys = [k for k in acc_keys if any(k in r for r in rows)]
     has_ppl = any(ppl_key in r for r in rows)
@@ -54,8 +61,7 @@ def save_results_plot(rows: list, acc_keys: Sequence[str], path, title: str,
         raise ValueError("nothing to plot: no row has an accuracy or perplexity")
     panels = [p for p, used in (("acc", acc_keys), ("ppl", has_ppl)) if used]
     widths = [max(len(acc_keys), 2) if p == "acc" else 1.2 for p in panels]
-    fig = Figure(figsize=(2.2 + 1.3 * sum(widths), 4.2))
-    FigureCanvasAgg(fig)
+    fig = _figure((2.2 + 1.3 * sum(widths), 4.2))
     axes = fig.subplots(1, len(panels), gridspec_kw={"width_ratios": widths}, squeeze=False)[0]
     for ax, panel in zip(axes, panels):
         keys = acc_keys if panel == "acc" else [ppl_key]
@@ -74,18 +80,14 @@ def save_recovered_plot(rows: list, path, title: str, key: str = "recovered_ppl"
     Raises:
         ValueError: no row has `key`.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     kept = [r for r in rows if key in r]
     if not kept:
         raise ValueError(f"nothing to plot: no row has {key!r}")
     settings = list(dict.fromkeys(r["setting"] for r in kept))
-    methods = list(dict.fromkeys(r["method"].split(" (")[0] for r in kept))
-    series = {m: [next((r[key] for r in kept if r["setting"] == s and r["method"].split(" (")[0] == m), None)
-                  for s in settings] for m in methods}
-    fig = Figure(figsize=(2.5 + 1.1 * len(settings), 4.2))
-    FigureCanvasAgg(fig)
+    values = {(r["method"].split(" (")[0], r["setting"]): r[key] for r in kept}  # "QAT (w4a8kv8)" -> QAT
+    methods = list(dict.fromkeys(m for m, _ in values))
+    series = {m: [values.get((m, s)) for s in settings] for m in methods}
+    fig = _figure((2.5 + 1.1 * len(settings), 4.2))
     ax = fig.subplots()
     grouped_bars(ax, settings, series, "recovered % of the FP -> RTN gap")
     ax.axhline(0, color="black", linewidth=0.8)
@@ -103,9 +105,6 @@ def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> 
     Raises:
         ValueError: the file holds no loss at all.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     from utils.io import read_jsonl
 
     rows = read_jsonl(metrics_jsonl)
@@ -113,8 +112,7 @@ def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> 
     val = [(r["step"], r["val_kd_loss"]) for r in rows if "val_kd_loss" in r]
     if not train and not val:
         raise ValueError(f"{metrics_jsonl}: no 'loss' or 'val_kd_loss' records to plot")
-    fig = Figure(figsize=(6, 3.6))
-    FigureCanvasAgg(fig)
+    fig = _figure((6, 3.6))
     ax = fig.subplots()
     for points, label, style in ((train, "train loss", "-"), (val, "held-out KD loss", "o--")):
         if points:
@@ -134,13 +132,9 @@ def save_training_curves(runs: dict, path, title: str, key: str = "val_kd_loss")
     Raises:
         ValueError: no run has any `key` record.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     from utils.io import read_jsonl
 
-    fig = Figure(figsize=(6.4, 4))
-    FigureCanvasAgg(fig)
+    fig = _figure((6.4, 4))
     ax = fig.subplots()
     drawn = 0
     for i, (label, metrics) in enumerate(runs.items()):
