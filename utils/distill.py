@@ -112,7 +112,11 @@ class KDLoss(nn.Module):
         return {"loss": self.kd_loss_scale * kd + self.ce_loss_scale * ce, "kd": kd.detach(), "ce": ce.detach()}
 
     def _sums(self, hidden_s, hidden_t, labels, mask, student_head, teacher_head) -> torch.Tensor:
-        args = (student_head, teacher_head, self.temperature, self.kd_loss_scale > 0, self.ce_loss_scale > 0)
+        # A term with weight 0 is skipped while training; without grad (held-out evaluation) both are
+        # computed, so a cross-entropy-only run still reports its held-out KD loss (not 0).
+        evaluating = not torch.is_grad_enabled()
+        args = (student_head, teacher_head, self.temperature, evaluating or self.kd_loss_scale > 0,
+                evaluating or self.ce_loss_scale > 0)
         size = self.chunk_size or hidden_s.shape[0]
         recompute = hidden_s.requires_grad and size < hidden_s.shape[0]
         total = None

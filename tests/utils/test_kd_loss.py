@@ -53,6 +53,24 @@ def test_reductions_and_ce_match_reference():
     torch.testing.assert_close(orig["kd"], per_token.sum() / 2)
 
 
+def test_zero_weight_term_skipped_in_training_but_reported_held_out():
+    """A CE-only run (kd_loss_scale=0) trains on CE alone, yet its held-out evaluation (no grad)
+    reports the true KD loss, not 0; likewise the CE term of a KD-only run."""
+    head_s, head_t, hid_s, hid_t, labels, mask = _setup()
+    kd_ref = (token_kl(head_s(hid_s), head_t(hid_t)).detach() * mask).sum() / mask.sum()
+    ce_only = KDLoss(kd_loss_scale=0, ce_loss_scale=1)
+    train = ce_only(hid_s, head_s, hid_t, head_t, labels, mask)
+    assert float(train["kd"]) == 0.0  # not computed while training
+    torch.testing.assert_close(train["loss"].detach(), train["ce"])
+    with torch.no_grad():
+        held_out = ce_only(hid_s, head_s, hid_t, head_t, labels, mask)
+        kd_only = KDLoss()(hid_s, head_s, hid_t, head_t, labels, mask)
+    torch.testing.assert_close(held_out["kd"], kd_ref)
+    torch.testing.assert_close(held_out["loss"], held_out["ce"])  # the weights still apply to the loss
+    torch.testing.assert_close(kd_only["ce"], train["ce"].detach())
+    torch.testing.assert_close(kd_only["loss"], kd_ref)
+
+
 def test_labels_shift_and_ignore_padding():
     ids = torch.tensor([[5, 6, 7, 8]])
     labels = next_token_labels(ids, torch.tensor([[1, 1, 1, 0]]))
