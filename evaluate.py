@@ -4,14 +4,14 @@
         w_bits=4 a_bits=8 kv_bits=8 data_dir=../shared/data output=runs/eval/w4a8kv8.json
     python evaluate.py model=runs/w4a8kv8/student     # a saved student: its quant config is used
 
-All settings: utils/evaluation.py `EvalConfig` (defaults), configs/eval.yaml (values), `key=value`.
+All settings: recipes/evaluate.py `EvalConfig` (defaults), configs/eval.yaml (values), `key=value`.
 Without data_dir, $LLMQAT_DATA_DIR names the local data directory; without either, the HF hub.
 """
 
 import sys
 
 from utils.config import run_entry_point
-from utils.evaluation import EvalConfig, run
+from recipes.evaluate import EvalConfig, run
 
 
 def main(argv) -> int:

@@ -4,14 +4,14 @@
     python export.py student=runs/q4_0/student format=gguf_q4_0 output=exports/student.Q4_0.gguf
     python export.py student=DIR format=gguf_q8_0 output=x.gguf tokenizer_from=smollm2-135m
 
-All settings: utils/export.py `ExportConfig` (defaults), configs/export.yaml (values), `key=value`.
+All settings: recipes/export.py `ExportConfig` (defaults), configs/export.yaml (values), `key=value`.
 Reload a packed export with `quant.packed.load_packed(DIR)`; run a GGUF in llama.cpp.
 """
 
 import sys
 
 from utils.config import run_entry_point
-from utils.export import ExportConfig, run
+from recipes.export import ExportConfig, run
 
 
 def _summary(result) -> None:

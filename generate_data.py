@@ -7,13 +7,13 @@
     torchrun --nproc_per_node 8 generate_data.py             # no shard given: shard = $RANK ($SLURM_PROCID)
 
 A killed shard resumes where it stopped when run again. Then: python merge_gen_data.py.
-All settings: utils/generation.py `GenerateConfig` (defaults), configs/generate.yaml (values), `key=value`.
+All settings: recipes/generate.py `GenerateConfig` (defaults), configs/generate.yaml (values), `key=value`.
 """
 
 import sys
 
 from utils.config import run_entry_point
-from utils.generation import GenerateConfig, run
+from recipes.generate import GenerateConfig, run
 
 
 def main(argv) -> int:

@@ -3,13 +3,13 @@
     python merge_gen_data.py                                   # gen_data/gen.chunk.*.jsonl -> gen_data/all_gen.jsonl
     python merge_gen_data.py in_dir=gen_data output=gen_data/all_gen.jsonl seed=42 skip_bad=true
 
-All settings: utils/merge.py `MergeConfig` (defaults), configs/merge.yaml (values), `key=value`.
+All settings: recipes/merge.py `MergeConfig` (defaults), configs/merge.yaml (values), `key=value`.
 """
 
 import sys
 
 from utils.config import run_entry_point
-from utils.merge import MergeConfig, run
+from recipes.merge import MergeConfig, run
 
 
 def main(argv) -> int:

@@ -4,12 +4,12 @@
         calib=gen_data/all_gen.jsonl output_dir=runs/ptq/gptq-W4A8KV8
     python evaluate.py model=runs/ptq/gptq-W4A8KV8 limit=200      # evaluated like a QAT student
 
-All settings: quant/baselines.py `PTQConfig` (defaults), configs/ptq.yaml (values), `key=value`.
+All settings: recipes/ptq.py `PTQConfig` (defaults), configs/ptq.yaml (values), `key=value`.
 """
 
 import sys
 
-from quant.baselines import PTQConfig, run
+from recipes.ptq import PTQConfig, run
 from utils.config import run_entry_point
 
 

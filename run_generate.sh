@@ -3,7 +3,7 @@
 # one process per GPU at once (CUDA_VISIBLE_DEVICES=i), or one after another on a CPU machine.
 #   sh run_generate.sh 2 n_vocab=16 max_length=128 && python merge_gen_data.py
 #   sh run_generate.sh 64                  # the original: 64 shards x 500 start ids (LLaMA, 32k vocab)
-# Every key is a field of utils/generation.py GenerateConfig (values in configs/generate.yaml). A killed
+# Every key is a field of recipes/generate.py GenerateConfig (values in configs/generate.yaml). A killed
 # run resumes when started again. SmolLM2-135M on the 2-core CPU: see the README, "Data-free data".
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -euo pipefail

@@ -2,7 +2,7 @@
 # Distillation QAT: run_train.sh W A KV [key=value ...]  (bits 2..8, or 16 = full precision)
 #   sh run_train.sh 4 8 8 data.train=gen_data/all_gen.jsonl output_dir=runs/w4a8kv8 max_steps=100
 #   sh run_train.sh 4 8 8 backend=fsdp nproc=2 resume=auto     # 2 processes: GPUs, else CPU + gloo
-# Every key is a field of utils/trainer.py TrainConfig (values in configs/train.yaml). nproc comes
+# Every key is a field of recipes/train.py TrainConfig (values in configs/train.yaml). nproc comes
 # from the command line, else $NPROC, else the config; the launcher is torchrun for nproc > 1.
 # About 1 min per 10 steps of SmolLM2-135M at model_max_length=256 on a 2-core CPU.
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi

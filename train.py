@@ -4,13 +4,13 @@
     python train.py quant.w_bits=4 quant.a_bits=8 quant.kv_bits=8 max_steps=2   # one process
     python train.py --launch-plan backend=fsdp nproc=2                          # prints "fsdp 2"
 
-All settings: utils/trainer.py `TrainConfig` (defaults), configs/train.yaml (values), `key=value`.
+All settings: recipes/train.py `TrainConfig` (defaults), configs/train.yaml (values), `key=value`.
 """
 
 import sys
 
 from utils.config import ConfigError, load_config, run_entry_point
-from utils.trainer import TrainConfig, run
+from recipes.train import TrainConfig, run
 
 
 def main(argv) -> int:

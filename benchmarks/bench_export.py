@@ -5,7 +5,7 @@
 
 Students: two round-to-nearest W4 (A16 KV16) students of `model` built here (MinMax per-channel, the
 paper's grid, and GGUF-faithful gguf_q4_0), plus `student=DIR` (e.g. a QAT student) if given.
-Each is exported with `utils.export.run` (what export.py calls) to packed (dense tensors float32 and
+Each is exported with `recipes.export.run` (what export.py calls) to packed (dense tensors float32 and
 bf16), gguf_q4_0 and gguf_q8_0. On WikiText-2 test windows it reports perplexity and next-token
 (argmax) agreement with the fake-quant student: packed is reloaded with `quant.packed.load_packed`,
 GGUF runs in llama.cpp (llama-cpp-python, if installed; it quantizes activations to 8 bits inside
@@ -36,11 +36,11 @@ from models import load_model, quantize_model, save_model  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from quant.packed import load_packed  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.datasets import wikitext2_text  # noqa: E402
-from utils.export import ExportConfig, artifact_bytes, tokenizer_source  # noqa: E402
-from utils.export import run as export  # noqa: E402
+from utils.eval.datasets import wikitext2_text  # noqa: E402
+from recipes.export import ExportConfig, artifact_bytes, tokenizer_source  # noqa: E402
+from recipes.export import run as export  # noqa: E402
 from utils.logging import setup_logging  # noqa: E402
-from utils.perplexity import make_windows, tokenize_stream  # noqa: E402
+from utils.eval.perplexity import make_windows, tokenize_stream  # noqa: E402
 
 logger = logging.getLogger("bench_export")
 RTN_STUDENTS = {"rtn_w4_minmax": dict(w_bits=4), "rtn_w4_gguf_q4_0": dict(w_bits=4, weight_format="gguf_q4_0")}
@@ -188,7 +188,7 @@ def artifact_row(cfg, fmt: str, path: Path, student, ref, windows, llama_q4) -> 
 
 
 def student_rows(cfg, out: Path, name: str, folder: str, windows, tokenizer_from: str, llama_q4) -> list[dict]:
-    """The fake-quant student, then each of its exports (via utils.export.run, as export.py)."""
+    """The fake-quant student, then each of its exports (via recipes.export.run, as export.py)."""
     start = time.perf_counter()
     student, _ = load_model(folder)
     load_s = time.perf_counter() - start

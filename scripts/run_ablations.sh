@@ -20,7 +20,7 @@ mkdir -p runs/ablation
 "$PY" - "$DATA" <<'EOF'
 import sys
 from pathlib import Path
-from utils.datasets import c4_texts, wikitext2_rows
+from utils.eval.datasets import c4_texts, wikitext2_rows
 from utils.io import atomic_write_text
 import json
 

@@ -13,7 +13,7 @@ import evaluate
 from models import load_model, quantize_model, save_model
 from quant.config import QuantConfig
 from utils.config import ConfigError, load_config
-from utils.evaluation import EvalConfig
+from recipes.evaluate import EvalConfig
 
 
 def run_cli(args) -> dict:
@@ -62,8 +62,8 @@ def test_missing_data_file_names_what_was_looked_for(tiny_model_dir, tmp_path, c
 
 
 def test_table_builds_rows_caches_them_and_reports_recovery(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    import utils.evaluation
-    from utils.tables import TableConfig, run as run_table
+    import recipes.evaluate
+    from recipes.table import TableConfig, run as run_table
 
     model, tok = load_model(tiny_model_dir)
     quantize_model(model, QuantConfig(w_bits=4, a_bits=8, kv_bits=8))
@@ -80,14 +80,14 @@ def test_table_builds_rows_caches_them_and_reports_recovery(tiny_model_dir, data
     assert all({"piqa", "boolq", "avg", "wikitext2"} <= set(r) for r in rows)
     assert "recovered" in rows[3] or rows[0]["avg"] == rows[1]["avg"]
     assert "| GPTQ | 4-8-8 |" in (tmp_path / "table.md").read_text()
-    monkeypatch.setattr(utils.evaluation, "run", lambda cfg: pytest.fail("cached rows must be reused"))
+    monkeypatch.setattr(recipes.evaluate, "run", lambda cfg: pytest.fail("cached rows must be reused"))
     assert run_table(cfg) == rows
 
 
 def test_frozen_weight_quantizers_give_identical_logits(tiny_model_dir):
     import torch
 
-    from utils.evaluation import freeze_weight_quantizers
+    from recipes.evaluate import freeze_weight_quantizers
 
     model, _ = load_model(tiny_model_dir)
     quantize_model(model, QuantConfig(w_bits=4, a_bits=8, kv_bits=8, w_symmetric=False))
@@ -102,7 +102,7 @@ def test_table_rows_per_setting_with_distinct_students_and_no_smoothquant_at_a16
     """QAT rows follow their setting's PTQ rows; two `<run>/student` folders at one setting are two
     rows (and two cache entries); SmoothQuant has no row where activations are not quantized."""
     import models
-    import utils.tables as tables
+    import recipes.table as tables
 
     saved = {"runs/a/student": QuantConfig(w_bits=4, a_bits=16, kv_bits=16),
              "runs/b/student": QuantConfig(w_bits=4, a_bits=16, kv_bits=16),
@@ -164,8 +164,8 @@ def test_training_curves_plot_one_line_per_run(tmp_path):
 
 
 def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tmp_path, monkeypatch):
-    import utils.evaluation
-    import utils.tables as tables
+    import recipes.evaluate
+    import recipes.table as tables
 
     cfg = load_config(tables.TableConfig, ["settings=[4-8-8,8-8-8]", "methods=[fp,rtn,gptq]", "tasks=[wikitext2]",
                                            "only_cached=true", f"cache_dir={tmp_path}",
@@ -175,7 +175,7 @@ def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tmp_path, m
     for row, ppl in (("fp", 20.0), ("rtn-W4A8KV8", 60.0)):
         (tmp_path / "results" / f"{row}.json").write_text(json.dumps({"config": keys,
                                                                       "results": {"wikitext2": {"ppl": ppl}}}))
-    monkeypatch.setattr(utils.evaluation, "run", lambda cfg: pytest.fail("only_cached must not evaluate"))
+    monkeypatch.setattr(recipes.evaluate, "run", lambda cfg: pytest.fail("only_cached must not evaluate"))
     monkeypatch.setattr(tables, "ptq_student", lambda *a: pytest.fail("only_cached must not build students"))
     rows = tables.run(cfg)
     assert [(r["method"], r["setting"], r["wikitext2"]) for r in rows] == [("FP", "16-16-16", 20.0),
@@ -183,7 +183,7 @@ def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tmp_path, m
 
 
 def test_no_recovered_share_where_rtn_lost_nothing():
-    from utils.tables import add_recovered
+    from recipes.table import add_recovered
 
     rows = [{"method": "FP", "setting": "16-16-16", "avg": 41.8, "wikitext2": 24.0},
             {"method": "RTN", "setting": "4-8-4", "avg": 42.8, "wikitext2": 106.0},  # noise: above FP

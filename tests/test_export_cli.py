@@ -20,7 +20,7 @@ from quant.config import QuantConfig
 from quant.packed import load_packed
 from tests.conftest import ROOT, TINY_VOCAB, make_tiny_llama
 from utils.config import ConfigError, load_config
-from utils.export import ExportConfig
+from recipes.export import ExportConfig
 
 
 def make_student(tiny_model_dir, out, **quant):

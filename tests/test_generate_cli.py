@@ -19,7 +19,7 @@ import torch
 import generate_data
 import merge_gen_data
 from utils.config import load_config
-from utils.generation import GenerateConfig, run
+from recipes.generate import GenerateConfig, run
 from utils.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def test_shard_past_the_vocabulary_is_a_clear_error(tiny_model_dir, tmp_path, ca
 
 
 def test_shard_comes_from_the_distributed_rank(monkeypatch):
-    from utils.generation import resolve_shard
+    from recipes.generate import resolve_shard
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("SLURM_PROCID", "5")

@@ -1,4 +1,4 @@
-"""The main job (pipeline.py / utils.pipeline) end to end on a tiny random Llama: every stage's outputs,
+"""The main job (pipeline.py / recipes.pipeline) end to end on a tiny random Llama: every stage's outputs,
 a finite table and a PNG; a second run skips every stage and rewrites none of their outputs; without
 evaluation data it still generates, merges and trains, and names the evaluations it skipped.
 
@@ -16,7 +16,7 @@ import pytest
 import pipeline
 from tests.conftest import make_byte_tokenizer, make_tiny_llama
 from utils.config import ConfigError, load_config
-from utils.pipeline import PipelineConfig, run, table_rows
+from recipes.pipeline import PipelineConfig, run, table_rows
 
 TASKS = ["wikitext2", "piqa", "arc_easy"]
 
@@ -78,7 +78,7 @@ def test_full_run_then_rerun_skips_every_stage(env, model_dir, data_dir, caplog,
 
     before = _stage_outputs(out)
     caplog.clear()
-    for module in ("utils.generation", "utils.merge", "utils.trainer", "utils.evaluation"):
+    for module in ("recipes.generate", "recipes.merge", "recipes.train", "recipes.evaluate"):
         monkeypatch.setattr(f"{module}.run", lambda *a, **k: pytest.fail("a finished stage ran again"))
     again = run(_cfg(*_argv(model_dir, out, data_dir)))
     assert caplog.text.count("skip: ") == 6

@@ -1,4 +1,4 @@
-"""train.py / utils.trainer on a tiny random Llama: a run_train.sh run whose artifacts reload, only the
+"""train.py / recipes.train on a tiny random Llama: a run_train.sh run whose artifacts reload, only the
 student learns, kill + resume == uninterrupted, bad inputs fail before any compute.
 
     PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_train.py
@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from models import load_model
-from utils import trainer
-from utils.checkpoint import complete_checkpoints, find_checkpoint
+from recipes import train as trainer
+from utils.train.checkpoint import complete_checkpoints, find_checkpoint
 from utils.config import ConfigError, load_config
-from utils.distill import DistillStudent, KDLoss
+from utils.train.distill import DistillStudent, KDLoss
 from utils.distributed import Runtime
-from utils.trainer import TrainConfig, build_models, run, setup_training, train_step
+from recipes.train import TrainConfig, build_models, run, setup_training, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the quick brown fox jumps over a lazy dog while seven cats sleep in warm sun".split()

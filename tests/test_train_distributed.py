@@ -19,7 +19,7 @@ import torch
 from models import load_model
 from tests.test_train import write_text_jsonl
 from utils.config import load_config
-from utils.trainer import TrainConfig, run
+from recipes.train import TrainConfig, run
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["max_steps=3", "model_max_length=32", "learning_rate=1e-3", "logging_steps=1", "loss_chunk_size=24"]

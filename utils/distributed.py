@@ -7,7 +7,7 @@
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each decoder layer and then the root (embeddings,
 final norm and the tied lm_head stay together in the root group, which FSDP keeps unsharded between
 forward and backward, so the chunked KD loss can call `lm_head` many times per step). DeepSpeed is
-initialised by `utils.trainer` (it also owns the optimizer); here only its process group is set up.
+initialised by `recipes.train` (it also owns the optimizer); here only its process group is set up.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def save_results_plot(rows: list, acc_keys: Sequence[str], path, title: str,
 
 
 def save_recovered_plot(rows: list, path, title: str, key: str = "recovered_ppl") -> Path:
-    """Recovered % of the FP -> RTN gap (`key`, as utils.tables.add_recovered writes it) per W-A-KV
+    """Recovered % of the FP -> RTN gap (`key`, as recipes.table.add_recovered writes it) per W-A-KV
     setting, one bar per method (QAT, SmoothQuant, GPTQ), as one PNG. 100 % = FP, 0 % = RTN.
 
     Raises:
@@ -100,7 +100,7 @@ def save_recovered_plot(rows: list, path, title: str, key: str = "recovered_ppl"
 
 def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> Path:
     """Training loss (per logging step) and held-out KD loss (per eval step) from a run's
-    `metrics.jsonl` (written by utils/trainer.py), as one PNG.
+    `metrics.jsonl` (written by recipes/train.py), as one PNG.
 
     Raises:
         ValueError: the file holds no loss at all.

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 import models
 from quant import QuantConfig
-from utils.datasets import wikitext2_text
+from utils.eval.datasets import wikitext2_text
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""PTQ baselines (quant/gptq.py, quant/smoothquant.py, quant/baselines.py) on tiny problems.
+"""PTQ baselines (quant/gptq.py, quant/smoothquant.py, recipes/ptq.py) on tiny problems.
 
     PYTHONPATH=. .venv/bin/python -m pytest -q tests/quant/test_baselines.py
 """
@@ -118,7 +118,7 @@ def test_ptq_cli_saves_a_student_that_loads_with_its_quant_config(tiny_model_dir
 
 
 def test_ptq_bad_inputs_are_clear_errors(tiny_model_dir, tmp_path, capsys):
-    from quant.baselines import PTQConfig
+    from recipes.ptq import PTQConfig
 
     with pytest.raises(ConfigError, match="method"):
         load_config(PTQConfig, ["method=awq"], default_yaml="configs/ptq.yaml")
@@ -147,7 +147,7 @@ def test_gptq_generalizes_to_held_out_inputs_given_enough_calibration_tokens():
 
 
 def test_too_little_calibration_data_for_gptq_is_a_warning(tiny_model_dir, tmp_path, caplog):
-    from quant.baselines import PTQConfig, calibration_ids
+    from recipes.ptq import PTQConfig, calibration_ids
 
     _, tok = load_model(tiny_model_dir)
     cfg = PTQConfig(method="gptq", calib=write_calib(tmp_path / "gen.jsonl"), calib_samples=4, calib_seqlen=32)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import make_byte_tokenizer, make_tiny_llama
-from utils.gen_io import check_meta, done_keys, repair_shard
-from utils.generation import Sampling, generate_sequences, sample_next, shard_jobs, skipped_ids
+from utils.data.shards import check_meta, done_keys, repair_shard
+from recipes.generate import Sampling, generate_sequences, sample_next, shard_jobs, skipped_ids
 from utils.io import JsonlError
 
 VOCAB = 272

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.distill import IGNORE_INDEX, KDLoss, next_token_labels, token_kl
+from utils.train.distill import IGNORE_INDEX, KDLoss, next_token_labels, token_kl
 
 
 def _kl_by_hand(s_row, t_row, temp):

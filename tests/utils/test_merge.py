@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from utils.gen_io import write_meta
+from utils.data.shards import write_meta
 from utils.io import JsonlError, read_jsonl
-from utils.merge import MergeConfig, find_shards, format_summary, merge, summary
+from recipes.merge import MergeConfig, find_shards, format_summary, merge, summary
 
 
 def _record(start, greedy_len=3, n=5):

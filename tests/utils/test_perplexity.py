@@ -1,4 +1,4 @@
-"""Perplexity (utils/perplexity.py) against a direct token-by-token computation, on a tiny Llama.
+"""Perplexity (utils/eval/perplexity.py) against a direct token-by-token computation, on a tiny Llama.
 
     PYTHONPATH=. .venv/bin/python -m pytest -q tests/utils/test_perplexity.py
 """
@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from models import load_model
 from tests.conftest import save_tiny_model_dir
-from utils.perplexity import c4_windows, make_windows, perplexity, perplexity_of_windows, tokenize_stream
+from utils.eval.perplexity import c4_windows, make_windows, perplexity, perplexity_of_windows, tokenize_stream
 
 TEXT = "\n\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(40))
 

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import make_byte_tokenizer
 from utils.io import JsonlError
-from utils.train_data import (DataConfig, batch_indices, load_blocks, pack_rows, pad_rows, read_token_rows,
+from utils.data.blocks import (DataConfig, batch_indices, load_blocks, pack_rows, pad_rows, read_token_rows,
                               split_blocks)
 
 

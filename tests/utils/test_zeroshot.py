@@ -1,4 +1,4 @@
-"""Zero-shot scoring (utils/zeroshot.py) and task formats (utils/tasks.py) on a tiny random Llama.
+"""Zero-shot scoring (utils/eval/zeroshot.py) and task formats (utils/eval/tasks.py) on a tiny random Llama.
 
     PYTHONPATH=. LLMQAT_DATA_DIR=../shared/data .venv/bin/python -m pytest -q tests/utils/test_zeroshot.py
 """
@@ -13,8 +13,8 @@ from torch.nn import functional as F
 from models import load_model, quantize_model
 from quant.config import QuantConfig
 from tests.conftest import save_tiny_model_dir
-from utils.tasks import TASKS, ZERO_SHOT_TASKS, MCDoc, load_task
-from utils.zeroshot import encode_doc, encode_pair, evaluate_docs, score_doc, score_pairs
+from utils.eval.tasks import TASKS, ZERO_SHOT_TASKS, MCDoc, load_task
+from utils.eval.zeroshot import encode_doc, encode_pair, evaluate_docs, score_doc, score_pairs
 
 
 @pytest.fixture(scope="module")

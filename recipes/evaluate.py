@@ -5,7 +5,7 @@
 `model=` is an alias, a HF folder or a saved student (its `quant_config.json` is applied unless
 quant settings are given on the command line). Results: `output` (JSON, top-level `results`:
 task -> {ppl | acc[, acc_norm], n, seconds, examples_per_s}) and the same path with `.md` (a table).
-Perplexity and zero-shot protocols: utils/perplexity.py, utils/zeroshot.py, utils/tasks.py.
+Perplexity and zero-shot protocols: utils/eval/perplexity.py, utils/eval/zeroshot.py, utils/eval/tasks.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 
 from quant.config import QuantConfig
 from utils.config import to_dict
-from utils.datasets import resolve_data_dir
+from utils.eval.datasets import resolve_data_dir
 from utils.io import atomic_write_text, write_json
 from utils.logging import print0
-from utils.tasks import TASKS, ZERO_SHOT_TASKS
+from utils.eval.tasks import TASKS, ZERO_SHOT_TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class EvalConfig:
     seqlen: perplexity window length (tokens).
     c4_windows, seed: GPTQ-style C4 sampling (number of random windows, random seed).
     ppl_batch_size: windows per forward for perplexity.
-    prefix_reuse: run each example's shared prefix once (utils/zeroshot.py).
+    prefix_reuse: run each example's shared prefix once (utils/eval/zeroshot.py).
     use_saved_quant: for a student folder, apply its saved quant config when `quant` is left at
         its defaults (all 16 bits).
     data_dir: local data directory (else $LLMQAT_DATA_DIR, else the Hugging Face hub).
@@ -113,10 +113,10 @@ def load_eval_model(cfg: EvalConfig):
 
 def evaluate_task(model, tok, task: str, cfg: EvalConfig) -> dict:
     """Metrics of one task, plus n, seconds and examples_per_s."""
-    from utils.datasets import c4_texts, wikitext2_text
-    from utils.perplexity import c4_windows, perplexity, perplexity_of_windows
-    from utils.tasks import load_task
-    from utils.zeroshot import evaluate_docs
+    from utils.eval.datasets import c4_texts, wikitext2_text
+    from utils.eval.perplexity import c4_windows, perplexity, perplexity_of_windows
+    from utils.eval.tasks import load_task
+    from utils.eval.zeroshot import evaluate_docs
 
     start, ppl_limit = time.time(), cfg.ppl_limit if cfg.ppl_limit is not None else cfg.limit
     if task == "wikitext2":

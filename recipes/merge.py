@@ -24,7 +24,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from utils.gen_io import SHARD_GLOB, read_meta
+from utils.data.shards import SHARD_GLOB, read_meta
 from utils.io import JsonlError, atomic_open, write_json
 from utils.logging import print0, progress_disabled
 

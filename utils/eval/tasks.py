@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from utils.datasets import local_file, resolve_data_dir
+from utils.eval.datasets import local_file, resolve_data_dir
 from utils.io import read_jsonl
 
 DELIMITER = " "

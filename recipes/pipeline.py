@@ -5,11 +5,11 @@
 
 Stages, each the same `run(cfg)` its entry point calls (outputs under `out_dir`):
 
-    1 generate  utils.generation (generate_data.py)  gen_data/gen.chunk.XX.jsonl, shards 0..shards-1
-    2 merge     utils.merge (merge_gen_data.py)      gen_data/all_gen.jsonl (+ all_gen.stats.json)
-    3 train     utils.trainer (train.py)             qat-<tag>/student/, train_metrics.json
-    4-6 eval    utils.evaluation (evaluate.py)       eval/fp.json, eval/rtn-<tag>.json, eval/qat-<tag>.json
-    7 report    utils.tables rows + utils.plots      table.md, table.json, pipeline.png, timings.json
+    1 generate  recipes.generate (generate_data.py)  gen_data/gen.chunk.XX.jsonl, shards 0..shards-1
+    2 merge     recipes.merge (merge_gen_data.py)      gen_data/all_gen.jsonl (+ all_gen.stats.json)
+    3 train     recipes.train (train.py)             qat-<tag>/student/, train_metrics.json
+    4-6 eval    recipes.evaluate (evaluate.py)       eval/fp.json, eval/rtn-<tag>.json, eval/qat-<tag>.json
+    7 report    recipes.table rows + utils.plots      table.md, table.json, pipeline.png, timings.json
 
 `<tag>` is `quant.tag()` (W4A8KV8). The sections `generate`, `merge`, `train` and `eval` are the
 entry points' own schemas, so every stage setting is a `key=value` (`generate.n_vocab=8`,
@@ -18,7 +18,7 @@ that RTN and QAT share. The pipeline sets the fields that connect the stages (`W
 paths, shard, quant); giving one of them is an error.
 
 Skip / resume: a stage whose outputs exist and are valid is skipped: a shard whose metadata says
-complete with the same settings (an unfinished shard resumes: utils/generation.py), an
+complete with the same settings (an unfinished shard resumes: recipes/generate.py), an
 `all_gen.jsonl` newer than every shard, a student with config.json + quant_config.json whose
 `train_metrics.json` is newer than the data and whose `train_config.yaml` equals this run's, an
 eval JSON written with this run's exact eval config (and, for QAT, newer than the student). The
@@ -65,12 +65,12 @@ from typing import Optional
 
 from quant.config import QuantConfig
 from utils.config import to_dict, to_yaml
-from utils.evaluation import PPL_TASKS, EvalConfig
-from utils.generation import GenerateConfig
+from recipes.evaluate import PPL_TASKS, EvalConfig
+from recipes.generate import GenerateConfig
 from utils.io import atomic_write_text, write_json
 from utils.logging import print0
-from utils.merge import MergeConfig
-from utils.trainer import TrainConfig
+from recipes.merge import MergeConfig
+from recipes.train import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ def _newer(path: Path, *deps: Path) -> bool:
 
 def shard_complete(gcfg: GenerateConfig) -> bool:
     """The shard's metadata says complete and was made with these settings."""
-    from utils.gen_io import read_meta, shard_path
-    from utils.generation import record_settings
+    from utils.data.shards import read_meta, shard_path
+    from recipes.generate import record_settings
 
     path = shard_path(gcfg.out_dir, gcfg.shard)
     meta = read_meta(path) if path.is_file() else None
@@ -203,8 +203,8 @@ def cached_eval(ecfg: EvalConfig, *deps: Path) -> Optional[dict]:
 
 def data_errors(tasks: list, data_dir: Optional[str]) -> dict[str, str]:
     """Task -> why its evaluation data cannot be read (FileNotFoundError, offline hub, ...)."""
-    from utils.datasets import c4_texts, wikitext2_rows
-    from utils.tasks import task_rows
+    from utils.eval.datasets import c4_texts, wikitext2_rows
+    from utils.eval.tasks import task_rows
 
     errors = {}
     for task in tasks:
@@ -287,7 +287,7 @@ class StageClock:
 
 
 def stage_generate(cfg: PipelineConfig, p: Paths, clock: StageClock) -> None:
-    from utils.generation import run as generate
+    from recipes.generate import run as generate
 
     gcfgs = generate_configs(cfg, p)
     with clock.stage("generate", f"{cfg.shards} shards x {cfg.generate.n_vocab} start ids x greedy "
@@ -302,7 +302,7 @@ def stage_generate(cfg: PipelineConfig, p: Paths, clock: StageClock) -> None:
 
 
 def stage_merge(cfg: PipelineConfig, p: Paths, clock: StageClock) -> None:
-    from utils.merge import run as merge
+    from recipes.merge import run as merge
 
     with clock.stage("merge", f"{p.gen_dir}/gen.chunk.*.jsonl -> {p.data}") as stage:
         if merge_valid(p):
@@ -314,7 +314,7 @@ def stage_merge(cfg: PipelineConfig, p: Paths, clock: StageClock) -> None:
 
 
 def stage_train(cfg: PipelineConfig, p: Paths, clock: StageClock) -> dict:
-    from utils.trainer import run as train
+    from recipes.train import run as train
 
     tcfg = train_config(cfg, p)
     with clock.stage("train", f"QAT {cfg.quant.tag()} by distillation, {tcfg.max_steps} steps x "
@@ -328,8 +328,8 @@ def stage_train(cfg: PipelineConfig, p: Paths, clock: StageClock) -> dict:
 
 def stage_eval(name: str, ecfg: Optional[EvalConfig], deps: tuple, clock: StageClock,
                skipped: dict) -> Optional[dict]:
-    """One row (FP, RTN or QAT): the cached JSON, else utils.evaluation.run; None without any task data."""
-    from utils.evaluation import run as evaluate
+    """One row (FP, RTN or QAT): the cached JSON, else recipes.evaluate.run; None without any task data."""
+    from recipes.evaluate import run as evaluate
 
     what = (f"{ecfg.model} on {ecfg.tasks} (limit {ecfg.limit}, ppl {ecfg.ppl_limit} windows x {ecfg.seqlen}) "
             f"-> {ecfg.output}" if ecfg else "no task has evaluation data")
@@ -348,8 +348,8 @@ def stage_eval(name: str, ecfg: Optional[EvalConfig], deps: tuple, clock: StageC
 
 
 def table_rows(cfg: PipelineConfig, tasks: list, payloads: dict) -> list[dict]:
-    """utils.tables rows (accuracy in %, acc_norm where defined) + recovered % on Avg and on ppl."""
-    from utils.tables import TableConfig, add_recovered, table_row
+    """recipes.table rows (accuracy in %, acc_norm where defined) + recovered % on Avg and on ppl."""
+    from recipes.table import TableConfig, add_recovered, table_row
 
     setting = "-".join(str(b) for b in (cfg.quant.w_bits, cfg.quant.a_bits, cfg.quant.kv_bits))
     view = TableConfig(model=cfg.model, settings=[setting], tasks=tasks)
@@ -364,7 +364,7 @@ def _first(limit: Optional[int]) -> str:
 
 
 def markdown(cfg: PipelineConfig, rows: list, tasks: list, skipped: dict, train: dict) -> str:
-    from utils.tables import NAMES
+    from recipes.table import NAMES
 
     zero_shot = [t for t in tasks if t not in PPL_TASKS]
     cols = zero_shot + (["avg"] if zero_shot else []) + [t for t in tasks if t in PPL_TASKS] + \
@@ -390,7 +390,7 @@ def markdown(cfg: PipelineConfig, rows: list, tasks: list, skipped: dict, train:
 def stage_report(cfg: PipelineConfig, p: Paths, clock: StageClock, tasks: list, payloads: dict, skipped: dict,
                  train: dict) -> list[dict]:
     from utils.plots import save_results_plot
-    from utils.tables import NAMES
+    from recipes.table import NAMES
 
     with clock.stage("report", f"{p.out / 'table.md'}, {p.out / 'pipeline.png'}"):
         rows = table_rows(cfg, tasks, payloads) if payloads else []

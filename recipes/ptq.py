@@ -90,7 +90,7 @@ def _jsonl_stream(path: str, tokenizer) -> list:
 
 
 def _text_stream(name: str, tokenizer, data_dir: Optional[str]) -> list:
-    from utils.datasets import c4_texts, resolve_data_dir, wikitext2_text
+    from utils.eval.datasets import c4_texts, resolve_data_dir, wikitext2_text
 
     if name == "c4":
         return tokenizer.encode("\n\n".join(c4_texts(data_dir)), add_special_tokens=False)

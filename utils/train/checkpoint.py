@@ -9,7 +9,7 @@ a DeepSpeed checkpoint under backend=deepspeed), `rng-rank{r}.pt` (python / torc
 rank) and `trainer_state.json` (step and scheduler state), written last. Everything is written into
 `.checkpoint-{step}.tmp` and renamed at the end, so a killed run never leaves a directory named
 `checkpoint-N`; only directories holding `trainer_state.json` are ever resumed from. The data
-position is the step count (batches are a pure function of the step, see utils.train_data).
+position is the step count (batches are a pure function of the step, see utils.data.blocks).
 """
 
 from __future__ import annotations

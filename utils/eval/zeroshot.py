@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from utils.logging import progress_disabled
-from utils.tasks import MCDoc
+from utils.eval.tasks import MCDoc
 
 Pair = tuple[list, list]  # (context token ids, continuation token ids)
 

@@ -31,15 +31,15 @@ from tqdm import tqdm
 
 from models import dequantize_model, load_model, resolve_model, save_model
 from quant.config import QuantConfig
-from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from utils.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from utils.config import to_dict, to_yaml
-from utils.distill import DistillStudent, KDLoss, teacher_hidden_states
+from utils.train.distill import DistillStudent, KDLoss, teacher_hidden_states
 from utils.distributed import (BACKENDS, Runtime, barrier, check_world_size, env_world_size, full_state_dict,
                                mean_across_ranks, setup_runtime, unwrap, wrap_model)
 from utils.io import atomic_write_text, write_json
 from utils.logging import progress_disabled
-from utils.metrics_log import REPORT_TO, NullLogger, make_metrics_logger
-from utils.train_data import DataConfig, batch_indices, check_data_file, load_blocks, split_blocks
+from utils.train.metrics import REPORT_TO, NullLogger, make_metrics_logger
+from utils.data.blocks import DataConfig, batch_indices, check_data_file, load_blocks, split_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -324,7 +324,7 @@ def record_settings(cfg: GenerateConfig, shard: int, vocab_size: int, eos: list[
 def run(cfg: GenerateConfig) -> Path:
     """Generate (or finish) one shard; return its file. Records already in the file are kept."""
     from models import load_model
-    from utils.gen_io import ShardWriter, check_meta, done_keys, repair_shard, shard_path, write_meta
+    from utils.data.shards import ShardWriter, check_meta, done_keys, repair_shard, shard_path, write_meta
     from utils.logging import progress_disabled
 
     if cfg.num_threads:

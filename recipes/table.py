@@ -1,11 +1,11 @@
 """The paper's results table: methods x W-A-KV settings -> 8 zero-shot tasks, average, perplexities.
 
     bash run_table.sh limit=200 settings=[4-8-8,8-8-8] methods=[fp,rtn,smoothquant,gptq]
-    python -m utils.tables qat=[runs/w4a8kv8/student] limit=200        # what run_table.sh runs
+    python -m recipes.table qat=[runs/w4a8kv8/student] limit=200        # what run_table.sh runs
 
 For every (method, setting) the table needs, a cached result file `cache_dir/results/<row>.json`
 is reused; only missing tasks are evaluated (same limit / seqlen / c4_windows, else re-run). PTQ
-students are built once under `cache_dir/students/` (quant/baselines.py). QAT rows come from given
+students are built once under `cache_dir/students/` (recipes/ptq.py). QAT rows come from given
 student folders; their setting is their saved quant config. Accuracy per task: acc_norm where the
 harness defines it (`prefer_acc_norm`), else acc. "recovered %" of a QAT / SmoothQuant / GPTQ row =
 (row - RTN) / (FP - RTN) at the same setting, on the zero-shot average and on WikiText-2 perplexity.
@@ -22,7 +22,7 @@ from typing import List, Optional
 
 from quant.config import QuantConfig
 from utils.io import atomic_write_text, write_json
-from utils.tasks import TASKS, ZERO_SHOT_TASKS
+from utils.eval.tasks import TASKS, ZERO_SHOT_TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class TableConfig:
     settings: W-A-KV triples for the PTQ methods; methods: fp, rtn, smoothquant, gptq.
     qat: trained student folders (one QAT row each, at their saved setting).
     tasks, limit, ppl_limit, seqlen, c4_windows, data_dir, prefix_reuse: as in evaluate.py.
-    calib, calib_samples, calib_seqlen, alpha, gptq_act_order, gptq_percdamp: PTQ settings (quant/baselines.py).
+    calib, calib_samples, calib_seqlen, alpha, gptq_act_order, gptq_percdamp: PTQ settings (recipes/ptq.py).
     cache_dir: students and per-row results; output: the markdown table (JSON rows beside it).
     only_cached: leave out (with a log line) every row not yet in the cache instead of computing it.
     """
@@ -84,7 +84,7 @@ def parse_setting(text: str, base: QuantConfig) -> QuantConfig:
 
 
 def _eval_config(cfg: TableConfig, model: str, quant: QuantConfig, tasks: list, output: Path):
-    from utils.evaluation import EvalConfig
+    from recipes.evaluate import EvalConfig
 
     return EvalConfig(model=model, tasks=tasks, limit=cfg.limit, ppl_limit=cfg.ppl_limit, seqlen=cfg.seqlen,
                       c4_windows=cfg.c4_windows, prefix_reuse=cfg.prefix_reuse, data_dir=cfg.data_dir,
@@ -96,7 +96,7 @@ def cached_results(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -
     cached and `cfg.only_cached`)."""
     import json
 
-    from utils.evaluation import run as evaluate
+    from recipes.evaluate import run as evaluate
 
     path = Path(cfg.cache_dir) / "results" / f"{row}.json"
     cached = json.loads(path.read_text()) if path.is_file() else {"results": {}}
@@ -117,8 +117,8 @@ def cached_results(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -
 
 def ptq_student(cfg: TableConfig, method: str, qcfg: QuantConfig) -> str:
     """The PTQ student folder for (method, setting), built once."""
-    from quant.baselines import PTQConfig
-    from quant.baselines import run as build
+    from recipes.ptq import PTQConfig
+    from recipes.ptq import run as build
 
     out = Path(cfg.cache_dir) / "students" / f"{method}-{qcfg.tag()}"
     if not (out / "config.json").is_file():
