@@ -10,12 +10,12 @@ Without data_dir, $LLMQAT_DATA_DIR names the local data directory; without eithe
 
 import sys
 
-from utils.config import run_entry_point
+from utils.cli import run_entry_point
 from recipes.evaluate import EvalConfig, run
 
 
 def main(argv) -> int:
-    return run_entry_point("evaluate.py", EvalConfig, "configs/eval.yaml", run, argv)
+    return run_entry_point("evaluate.py", EvalConfig, run, argv)
 
 
 if __name__ == "__main__":

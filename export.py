@@ -10,7 +10,7 @@ Reload a packed export with `quant.packed.load_packed(DIR)`; run a GGUF in llama
 
 import sys
 
-from utils.config import run_entry_point
+from utils.cli import run_entry_point
 from recipes.export import ExportConfig, run
 
 
@@ -19,7 +19,7 @@ def _summary(result) -> None:
 
 
 def main(argv) -> int:
-    return run_entry_point("export.py", ExportConfig, "configs/export.yaml", run, argv, on_result=_summary)
+    return run_entry_point("export.py", ExportConfig, run, argv, on_result=_summary)
 
 
 if __name__ == "__main__":

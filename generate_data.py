@@ -12,14 +12,14 @@ All settings: recipes/generate.py `GenerateConfig` (defaults), configs/generate.
 
 import sys
 
-from utils.config import run_entry_point
+from utils.cli import run_entry_point
 from recipes.generate import GenerateConfig, run
 
 
 def main(argv) -> int:
     if argv and argv[0].isdigit():  # the original's positional shard index
         argv = [f"shard={argv[0]}", *argv[1:]]
-    return run_entry_point("generate_data.py", GenerateConfig, "configs/generate.yaml", run, argv)
+    return run_entry_point("generate_data.py", GenerateConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ All settings: recipes/merge.py `MergeConfig` (defaults), configs/merge.yaml (val
 
 import sys
 
-from utils.config import run_entry_point
+from utils.cli import run_entry_point
 from recipes.merge import MergeConfig, run
 
 
 def main(argv) -> int:
-    return run_entry_point("merge_gen_data.py", MergeConfig, "configs/merge.yaml", run, argv)
+    return run_entry_point("merge_gen_data.py", MergeConfig, run, argv)
 
 
 if __name__ == "__main__":

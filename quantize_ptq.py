@@ -10,11 +10,11 @@ All settings: recipes/ptq.py `PTQConfig` (defaults), configs/ptq.yaml (values), 
 import sys
 
 from recipes.ptq import PTQConfig, run
-from utils.config import run_entry_point
+from utils.cli import run_entry_point
 
 
 def main(argv) -> int:
-    return run_entry_point("quantize_ptq.py", PTQConfig, "configs/ptq.yaml", run, argv)
+    return run_entry_point("quantize_ptq.py", PTQConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -13,4 +13,4 @@ if [ -z "${LLMQAT_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
   export LLMQAT_DATA_DIR="$(cd ../shared/data && pwd)"
 fi
 export TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline}
-exec .venv/bin/python pipeline.py "$@"
+exec .venv/bin/python pipeline.py config=configs/main_job.yaml "$@"

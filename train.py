@@ -9,20 +9,22 @@ All settings: recipes/train.py `TrainConfig` (defaults), configs/train.yaml (val
 
 import sys
 
-from utils.config import ConfigError, load_config, run_entry_point
+from quant.errors import UserError
 from recipes.train import TrainConfig, run
+from utils.cli import run_entry_point
+from utils.config import load_config
 
 
 def main(argv) -> int:
     if "--launch-plan" in argv:  # run_train.sh asks which launcher and how many processes
         try:
-            cfg = load_config(TrainConfig, [a for a in argv if a != "--launch-plan"], default_yaml="configs/train.yaml")
-        except ConfigError as err:
-            print(f"train.py: {err}", file=sys.stderr)
+            cfg = load_config(TrainConfig, [a for a in argv if a != "--launch-plan"])
+        except UserError as err:
+            print(f"train.py: error: {err}", file=sys.stderr)
             return 2
         print(cfg.backend, cfg.nproc)
         return 0
-    return run_entry_point("train.py", TrainConfig, "configs/train.yaml", run, argv)
+    return run_entry_point("train.py", TrainConfig, run, argv)
 
 
 if __name__ == "__main__":

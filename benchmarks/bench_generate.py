@@ -6,7 +6,7 @@
 Both use the same settings and length budget: greedy lengths 3, 4, 5, then top_k 50 / T 1.0 sampling to
 EOS or `max_length`. The original (LLM-QAT `generate_data.py`) calls HF `generate(do_sample=False,
 max_length=j)` and then `generate(do_sample=True, max_length=max_length)` per sequence; ours runs
-`recipes.generate.generate_sequences` over more start tokens (throughput needs a full batch). Only
+`utils.data.generation.generate_sequences` over more start tokens (throughput needs a full batch). Only
 real tokens are counted (generated tokens, no padding, the start token excluded). Also prints the
 matmul roofline: measured float32 matmul FLOP/s over 2 x parameters FLOPs per token.
 """
@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from models import load_model  # noqa: E402
-from recipes.generate import Sampling, eos_ids_of, generate_sequences, skipped_ids  # noqa: E402
+from recipes.generate import eos_ids_of, skipped_ids  # noqa: E402
+from utils.data.generation import Sampling, generate_sequences  # noqa: E402
 
 GREEDY = (3, 4, 5)
 

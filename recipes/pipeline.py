@@ -84,7 +84,7 @@ RATES = {"gen_tok_s": 200.0, "train_tok_s": 45.0, "fp_ex_s": 3.5, "quant_ex_s": 
 
 @dataclass
 class PipelineConfig:
-    """Main-job settings (values in configs/pipeline.yaml).
+    """Main-job settings (values in configs/main_job.yaml).
 
     Args:
         model: alias, HF folder or .gguf file: the teacher, the RTN model and the student's start.

@@ -250,7 +250,7 @@ def run(cfg: TableConfig) -> list:
 def main(argv) -> int:
     from utils.config import run_entry_point
 
-    return run_entry_point("run_table.sh", TableConfig, "configs/table.yaml", run, argv)
+    return run_entry_point("run_table.sh", TableConfig, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

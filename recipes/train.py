@@ -18,28 +18,24 @@ DeepSpeed's bf16 mode (bf16 weights, fp32 master copy in the optimizer).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from models import dequantize_model, load_model, resolve_model, save_model
 from quant.config import QuantConfig
-from utils.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from utils.config import to_dict, to_yaml
-from utils.train.distill import DistillStudent, KDLoss, teacher_hidden_states
+from utils.data.blocks import DataConfig, check_data_file, load_blocks, split_blocks
 from utils.distributed import (BACKENDS, Runtime, barrier, check_world_size, env_world_size, full_state_dict,
-                               mean_across_ranks, setup_runtime, unwrap, wrap_model)
+                               setup_runtime, unwrap)
 from utils.io import atomic_write_text, write_json
-from utils.logging import progress_disabled
+from utils.train.checkpoint import find_checkpoint, load_checkpoint
+from utils.train.distill import DistillStudent, KDLoss
+from utils.train.loop import setup_training, train_loop
 from utils.train.metrics import REPORT_TO, NullLogger, make_metrics_logger
-from utils.data.blocks import DataConfig, batch_indices, check_data_file, load_blocks, split_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -165,146 +161,6 @@ def build_data(cfg: TrainConfig, tokenizer, rt: Runtime) -> tuple[dict, dict]:
         raise ValueError(f"{len(train['input_ids'])} training blocks cannot fill one step of {rt.world_size} "
                          f"processes x per_device_batch_size={cfg.per_device_batch_size}")
     return train, val
-
-
-def cosine_schedule(optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: float):
-    """Linear warmup to the base lr, then cosine decay to base * min_lr_ratio at max_steps."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _deepspeed_config(cfg: TrainConfig, rt: Runtime) -> dict:
-    ds = json.loads(Path(cfg.deepspeed_config).read_text())
-    ds.update(train_micro_batch_size_per_gpu=cfg.per_device_batch_size,
-              gradient_accumulation_steps=cfg.gradient_accumulation_steps, gradient_clipping=cfg.max_grad_norm,
-              zero_allow_untested_optimizer=True, steps_per_print=10**9)
-    use_bf16 = cfg.precision in ("bf16", "bf16_autocast") or (cfg.precision == "auto" and rt.device.type == "cuda")
-    ds["bf16"] = {"enabled": use_bf16}
-    return ds
-
-
-def setup_training(cfg: TrainConfig, model, rt: Runtime):
-    """(model or engine, optimizer, scheduler) for the backend."""
-    model = wrap_model(model, cfg.backend, rt)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    if cfg.backend == "deepspeed":
-        import deepspeed
-
-        model, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=_deepspeed_config(cfg, rt))
-    return model, optimizer, scheduler
-
-
-def _batch(blocks: dict, cfg: TrainConfig, micro_step: int, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = batch_indices(len(blocks["input_ids"]), cfg.per_device_batch_size, micro_step, rt.rank,
-                        rt.world_size, cfg.seed)
-    return blocks["input_ids"][idx].to(rt.device), blocks["attention_mask"][idx].to(rt.device)
-
-
-def _loss(model, teacher, ids, mask, autocast: bool, device) -> dict:
-    hidden = teacher_hidden_states(teacher, ids, mask)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        return model(ids, mask, hidden, teacher.get_output_embeddings())
-
-
-def _grad_norm(model, cfg: TrainConfig) -> float:
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.max_grad_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def train_step(model, teacher, optimizer, scheduler, train: dict, cfg: TrainConfig, step: int, rt: Runtime,
-               autocast: bool) -> dict:
-    """One optimizer step over `gradient_accumulation_steps` micro batches; returns local metrics."""
-    accum, sums = cfg.gradient_accumulation_steps, {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-    for micro in range(accum):
-        ids, mask = _batch(train, cfg, step * accum + micro, rt)
-        out = _loss(model, teacher, ids, mask, autocast, rt.device)
-        if rt.backend == "deepspeed":
-            model.backward(out["loss"])
-            model.step()  # DeepSpeed accumulates, clips and steps optimizer + scheduler at the boundary
-        else:
-            (out["loss"] / accum).backward()
-        for key in sums:
-            sums[key] += float(out[key].detach()) / accum
-    if rt.backend == "deepspeed":
-        sums["grad_norm"] = float(model.get_global_grad_norm() or 0.0)
-    else:
-        sums["grad_norm"] = _grad_norm(model, cfg)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return sums
-
-
-@torch.no_grad()
-def evaluate(model, teacher, val: dict, cfg: TrainConfig, rt: Runtime, autocast: bool) -> float:
-    """Token-weighted mean KD loss over the held-out blocks (every rank runs all of them)."""
-    n = len(val["input_ids"])
-    if n == 0:
-        return float("nan")
-    model.eval()
-    total = tokens = 0.0
-    for start in range(0, n, cfg.per_device_batch_size):
-        ids = val["input_ids"][start: start + cfg.per_device_batch_size].to(rt.device)
-        mask = val["attention_mask"][start: start + cfg.per_device_batch_size].to(rt.device)
-        weight = float(mask.sum()) if cfg.kd_reduction == "mean" else len(ids)
-        total += float(_loss(model, teacher, ids, mask, autocast, rt.device)["kd"]) * weight
-        tokens += weight
-    model.train()
-    return total / tokens
-
-
-def _memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**30
-
-
-def train_loop(cfg, model, teacher, optimizer, scheduler, train, val, rt, autocast, start: int, sink) -> dict:
-    """Steps `start`..max_steps with logging, evaluation and checkpoints; returns the final metrics."""
-    tokens_per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * rt.world_size * cfg.model_max_length
-    metrics = {"val_kd_loss_start": evaluate(model, teacher, val, cfg, rt, autocast)}
-    window, t0, t_start = [], time.perf_counter(), time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=progress_disabled())
-    last = {}
-    for step in range(start, cfg.max_steps):
-        last = train_step(model, teacher, optimizer, scheduler, train, cfg, step, rt, autocast)
-        window.append(last["loss"])
-        bar.update(1)
-        done = step + 1
-        if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-            dt = time.perf_counter() - t0
-            line = {"loss": mean_across_ranks(sum(window) / len(window), rt), "kd": last["kd"], "ce": last["ce"],
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": last["grad_norm"],
-                    "tokens_per_s": tokens_per_step * len(window) / dt, "mem_gb": _memory_gb(rt.device)}
-            logger.info("step %d/%d | loss %.4f | kd %.4f | lr %.3g | %.0f tok/s | mem %.2f GB", done,
-                        cfg.max_steps, line["loss"], line["kd"], line["lr"], line["tokens_per_s"], line["mem_gb"])
-            sink.log(line, done)
-            window, t0 = [], time.perf_counter()
-        if cfg.eval_steps and done % cfg.eval_steps == 0 and done != cfg.max_steps:
-            sink.log({"val_kd_loss": evaluate(model, teacher, val, cfg, rt, autocast)}, done)
-        if cfg.save_steps and done % cfg.save_steps == 0 and done != cfg.max_steps:
-            save_checkpoint(cfg.output_dir, done, model, optimizer, scheduler, rt, cfg.save_total_limit)
-    bar.close()
-    wall = time.perf_counter() - t_start
-    metrics.update(steps=cfg.max_steps, steps_this_run=cfg.max_steps - start,
-                   final_loss=mean_across_ranks(last.get("loss", float("nan")), rt),
-                   final_kd=mean_across_ranks(last.get("kd", float("nan")), rt),
-                   val_kd_loss_end=evaluate(model, teacher, val, cfg, rt, autocast), wall_s=wall,
-                   tokens_per_s=tokens_per_step * (cfg.max_steps - start) / wall if wall else 0.0,
-                   peak_mem_gb=_memory_gb(rt.device))
-    sink.log({"val_kd_loss": metrics["val_kd_loss_end"]}, cfg.max_steps)
-    return metrics
 
 
 def save_student(cfg: TrainConfig, model, tokenizer, rt: Runtime) -> Path:

@@ -51,7 +51,7 @@ def test_student_folder_uses_its_saved_quant_config(tiny_model_dir, data_dir, tm
 ])
 def test_bad_config_is_a_clear_error(argv, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(EvalConfig, argv, default_yaml="configs/eval.yaml")
+        load_config(EvalConfig, argv)
 
 
 def test_missing_data_file_names_what_was_looked_for(tiny_model_dir, tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_table_builds_rows_caches_them_and_reports_recovery(tiny_model_dir, data
                                     f"qat=[{qat}]", "tasks=[wikitext2,piqa,boolq]", "limit=2", "seqlen=32",
                                     f"calib={calib}", "calib_samples=2", "calib_seqlen=16",
                                     f"data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}",
-                                    f"output={tmp_path / 'table.md'}"], default_yaml="configs/table.yaml")
+                                    f"output={tmp_path / 'table.md'}"])
     rows = run_table(cfg)
     assert [r["method"] for r in rows] == ["FP", "RTN", "GPTQ", "QAT (qat-student)"]
     assert all({"piqa", "boolq", "avg", "wikitext2"} <= set(r) for r in rows)
@@ -122,7 +122,7 @@ def test_table_rows_per_setting_with_distinct_students_and_no_smoothquant_at_a16
     monkeypatch.setattr(models, "read_quant_config", lambda folder: saved[folder])
     cfg = load_config(tables.TableConfig, ["settings=[4-16-16,8-8-8]", "methods=[fp,rtn,smoothquant,gptq]",
                                            f"qat=[{','.join(saved)}]", "tasks=[wikitext2]",
-                                           f"output={tmp_path / 'table.md'}"], default_yaml="configs/table.yaml")
+                                           f"output={tmp_path / 'table.md'}"])
     rows = tables.run(cfg)
     assert [(r["method"], r["setting"]) for r in rows] == [
         ("FP", "16-16-16"), ("RTN", "4-16-16"), ("GPTQ", "4-16-16"), ("QAT (a)", "4-16-16"), ("QAT (b)", "4-16-16"),
@@ -169,7 +169,7 @@ def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tmp_path, m
 
     cfg = load_config(tables.TableConfig, ["settings=[4-8-8,8-8-8]", "methods=[fp,rtn,gptq]", "tasks=[wikitext2]",
                                            "only_cached=true", f"cache_dir={tmp_path}",
-                                           f"output={tmp_path / 'table.md'}"], default_yaml="configs/table.yaml")
+                                           f"output={tmp_path / 'table.md'}"])
     keys = {"limit": cfg.limit, "ppl_limit": cfg.ppl_limit, "seqlen": cfg.seqlen, "c4_windows": cfg.c4_windows}
     (tmp_path / "results").mkdir()
     for row, ppl in (("fp", 20.0), ("rtn-W4A8KV8", 60.0)):

@@ -82,7 +82,7 @@ def test_foreign_output_folder_is_not_clobbered(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("argv", [["format=gguf_q2_k"], ["embed_type=q4_0"], ["dense_dtype=int3"], ["bits=4"]])
 def test_bad_config_values_are_config_errors(argv):
     with pytest.raises(ConfigError):
-        load_config(ExportConfig, argv, default_yaml="configs/export.yaml")
+        load_config(ExportConfig, argv)
 
 
 def test_cli_subprocess(tiny_model_dir, tmp_path):

@@ -29,7 +29,7 @@ def _argv(model, out, data):
 
 
 def _cfg(*argv):
-    return load_config(PipelineConfig, list(argv), default_yaml="configs/pipeline.yaml")
+    return load_config(PipelineConfig, list(argv), default_yaml="configs/main_job.yaml")
 
 
 def _stage_outputs(out):

@@ -20,7 +20,9 @@ from utils.train.checkpoint import complete_checkpoints, find_checkpoint
 from utils.config import ConfigError, load_config
 from utils.train.distill import DistillStudent, KDLoss
 from utils.distributed import Runtime
-from recipes.train import TrainConfig, build_models, run, setup_training, train_step
+from recipes.train import TrainConfig, build_models, run
+from utils.train import loop
+from utils.train.loop import setup_training, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the quick brown fox jumps over a lazy dog while seven cats sleep in warm sun".split()
@@ -44,7 +46,7 @@ def setup(tmp_path, tiny_model_dir, monkeypatch):
 def _cfg(model, data, out, *extra):
     argv = [f"model={model}", f"data.train={data}", f"output_dir={out}", "model_max_length=32", "max_steps=4",
             "logging_steps=1", "learning_rate=1e-3", "loss_chunk_size=24", "per_device_batch_size=2", *extra]
-    return load_config(TrainConfig, argv, default_yaml="configs/train.yaml")
+    return load_config(TrainConfig, argv)
 
 
 def test_run_train_sh_artifacts_reload(setup):
@@ -96,10 +98,9 @@ def test_kill_and_resume_matches_uninterrupted(setup, monkeypatch):
             raise KeyboardInterrupt
         return train_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "train_step", dying_step)
+    monkeypatch.setattr(loop, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         run(_cfg(model, data, tmp / "killed", "save_steps=2"))
-    monkeypatch.setattr(trainer, "train_step", train_step)
     assert find_checkpoint(tmp / "killed", "auto").name == "checkpoint-2"
     resumed = run(_cfg(model, data, tmp / "killed", "save_steps=2", "resume=auto"))
     assert resumed["steps_this_run"] == 2
@@ -153,7 +154,7 @@ def test_bad_inputs_fail_before_compute(setup, no_model_load, case, error, match
                                          (["max_steps=0"], "max_steps")])
 def test_bad_config_values(argv, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(TrainConfig, argv, default_yaml="configs/train.yaml")
+        load_config(TrainConfig, argv)
 
 
 def test_malformed_line_names_file_and_line(setup):

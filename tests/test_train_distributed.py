@@ -34,7 +34,7 @@ def reference(tmp_path_factory):
     model, data = save_tiny_model_dir(tmp / "tiny"), write_text_jsonl(tmp / "data.jsonl")
     argv = [f"model={model}", f"data.train={data}", f"output_dir={tmp / 'single'}", "per_device_batch_size=2",
             f"data.cache_dir={tmp / 'cache'}", *COMMON]
-    metrics = run(load_config(TrainConfig, argv, default_yaml="configs/train.yaml"))
+    metrics = run(load_config(TrainConfig, argv))
     return model, data, tmp, metrics
 
 

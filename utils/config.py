@@ -1,8 +1,10 @@
 """One typed schema per entry point: dataclass defaults, then a YAML file, then `key=value`.
 
-    cfg = load_config(TrainConfig, sys.argv[1:], default_yaml="configs/train.yaml")
+    cfg = load_config(TrainConfig, sys.argv[1:])                  # defaults, then key=value
+    cfg = load_config(TrainConfig, ["config=configs/qat_smollm2_w4a8kv8.yaml", "max_steps=10"])
 
-* Defaults live only in the dataclasses; YAML files hold values; the command line wins.
+* Defaults live only in the dataclasses; a YAML file in configs/ is an experiment (only the values it
+  changes); the command line wins.
 * Unknown keys and wrong types are errors that name the key (`ConfigError`).
 * `config=path.yaml` on the command line picks another YAML file.
 * Fields of the `quant` section may be given without their prefix: `w_bits=4` means
@@ -20,11 +22,14 @@ from typing import Optional, Sequence, Type, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from quant.config import QuantConfig
+from quant.errors import UserError
+
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration value, key or file."""
 
 
@@ -36,8 +41,6 @@ def _quant_fields(schema) -> set:
     for f in dataclasses.fields(schema):
         if f.name == "quant" and dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
             return _field_names(f.type)
-    from quant.config import QuantConfig
-
     return _field_names(QuantConfig) if "quant" in _field_names(schema) else set()
 
 
@@ -101,34 +104,3 @@ def save_config(cfg, path) -> None:
     """Write the resolved config as YAML (what a run really used)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_yaml(cfg))
-
-
-USER_ERRORS = (FileNotFoundError, ValueError, NotImplementedError)  # bad input, not bugs (JsonlError is a ValueError)
-
-
-def run_entry_point(prog: str, schema: Type[T], default_yaml: Optional[str], run, argv: Sequence[str],
-                    on_result=None) -> int:
-    """The shared `main()` of the entry points: config -> logging -> `run(cfg)`.
-
-    A bad config (ConfigError) or bad input (USER_ERRORS: missing file, malformed line, invalid
-    value) prints one line `prog: ...` to stderr and returns exit code 2 instead of a traceback;
-    `on_result(result)` may print a summary. Anything else is a bug and propagates.
-    """
-    import sys
-
-    from utils.logging import setup_logging
-
-    try:
-        cfg = load_config(schema, argv, default_yaml=default_yaml)
-    except ConfigError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        return 2
-    setup_logging()
-    try:
-        result = run(cfg)
-    except USER_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    if on_result is not None:
-        on_result(result)
-    return 0

@@ -121,7 +121,7 @@ def test_ptq_bad_inputs_are_clear_errors(tiny_model_dir, tmp_path, capsys):
     from recipes.ptq import PTQConfig
 
     with pytest.raises(ConfigError, match="method"):
-        load_config(PTQConfig, ["method=awq"], default_yaml="configs/ptq.yaml")
+        load_config(PTQConfig, ["method=awq"])
     args = ["method=gptq", f"model={tiny_model_dir}", "w_bits=4", f"calib={tmp_path / 'nope.jsonl'}",
             f"output_dir={tmp_path / 'o'}"]
     assert quantize_ptq.main(args) == 2

@@ -10,7 +10,8 @@ import pytest
 
 from utils.data.shards import write_meta
 from utils.io import JsonlError, read_jsonl
-from recipes.merge import MergeConfig, find_shards, format_summary, merge, summary
+from recipes.merge import MergeConfig, merge
+from utils.data.merge import find_shards, format_summary, summary
 
 
 def _record(start, greedy_len=3, n=5):

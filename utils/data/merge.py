@@ -1,0 +1,201 @@
+"""Merging generated shards: validate every line, drop exact duplicates, shuffle, write atomically.
+
+Every line of every shard is checked (a JSON object with a `text` string and a non-empty
+`token_ids` list of non-negative ints); a bad line stops the merge with its file and line number
+unless `skip_bad`. Exact duplicate records are dropped, the rest shuffled with `seed` and
+written through a temporary file and a rename, so the output is all new or untouched. The shards
+are streamed twice (check, then copy by byte offset): memory holds offsets, not texts.
+Recipe (config, summary printout): recipes/merge.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils.data.shards import SHARD_GLOB, read_meta
+from utils.io import JsonlError, atomic_open, write_json
+from utils.logging import progress_disabled
+
+logger = logging.getLogger(__name__)
+
+_SHARD_INDEX = re.compile(r"gen\.chunk\.(\d+)\.jsonl$")
+
+
+@dataclass
+class _Entry:
+    shard: int  # index into the list of shard files
+    offset: int
+    length: int
+
+
+@dataclass
+class MergeStats:
+    shards: list = field(default_factory=list)
+    records: int = 0
+    tokens: int = 0
+    duplicates: int = 0
+    bad_lines: int = 0
+    lengths: Counter = field(default_factory=Counter)
+    finish: Counter = field(default_factory=Counter)
+    missing_shards: list = field(default_factory=list)
+    incomplete_shards: dict = field(default_factory=dict)
+
+
+def find_shards(in_dir) -> list[Path]:
+    """The shard files in `in_dir`, by shard index.
+
+    Raises:
+        FileNotFoundError: no such directory, or no `gen.chunk.*.jsonl` in it.
+    """
+    folder = Path(in_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"in_dir={in_dir}: no such directory")
+    shards = [p for p in folder.glob(SHARD_GLOB) if _SHARD_INDEX.search(p.name)]
+    if not shards:
+        raise FileNotFoundError(f"no shard files ({SHARD_GLOB}) in {folder}")
+    return sorted(shards, key=lambda p: int(_SHARD_INDEX.search(p.name).group(1)))
+
+
+def check_record(line: bytes) -> dict:
+    """Parse and validate one line; raise ValueError saying what is wrong."""
+    record = json.loads(line)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    if not isinstance(record.get("text"), str):
+        raise ValueError("no 'text' string")
+    ids = record.get("token_ids")
+    if not isinstance(ids, list) or not ids:
+        raise ValueError("no non-empty 'token_ids' list")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ValueError("'token_ids' must hold non-negative integers")
+    return record
+
+
+def _scan(paths: list[Path], skip_bad: bool, stats: MergeStats) -> list[_Entry]:
+    """Validate every line; return the first occurrence of each distinct record."""
+    seen, entries = set(), []
+    for index, path in enumerate(tqdm(paths, desc="check shards", unit="shard", disable=progress_disabled())):
+        offset, counts = 0, Counter()
+        with path.open("rb") as f:
+            for lineno, line in enumerate(f, 1):
+                start, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                try:
+                    if not line.endswith(b"\n"):
+                        raise ValueError("partial last line (an interrupted shard: run it again to repair)")
+                    record = check_record(line)
+                except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+                    if not skip_bad:
+                        raise JsonlError(f"{path}:{lineno}: bad record ({err}); fix it or merge with "
+                                         f"skip_bad=true") from None
+                    logger.warning("%s:%d: skipping bad record (%s)", path, lineno, err)
+                    stats.bad_lines += 1
+                    continue
+                counts["lines"] += 1
+                digest = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).digest()
+                if digest in seen:
+                    stats.duplicates += 1
+                    continue
+                seen.add(digest)
+                entries.append(_Entry(index, start, len(line)))
+                _count(record, stats)
+        _check_complete(path, counts["lines"], stats)
+    return entries
+
+
+def _count(record: dict, stats: MergeStats) -> None:
+    n = len(record["token_ids"])
+    stats.records += 1
+    stats.tokens += n
+    stats.lengths[1 << (n - 1).bit_length()] += 1  # bucket: the next power of two >= n
+    stats.finish[record.get("finish", "?")] += 1
+
+
+def _check_complete(path: Path, lines: int, stats: MergeStats) -> None:
+    meta = read_meta(path) or {}
+    expected = meta.get("n_expected")
+    if expected is not None and lines < expected:
+        stats.incomplete_shards[path.name] = f"{lines}/{expected}"
+
+
+def missing_shards(paths: list[Path]) -> list[int]:
+    """Shard indices absent from `paths`: gaps, and past the last one when the metadata says how
+    many shards cover the vocabulary (ceil(vocab_size / n_vocab))."""
+    present = {int(_SHARD_INDEX.search(p.name).group(1)) for p in paths}
+    total = max(present) + 1
+    for p in paths:
+        settings = (read_meta(p) or {}).get("settings", {})
+        if settings.get("vocab_size") and settings.get("n_vocab"):
+            total = max(total, -(-settings["vocab_size"] // settings["n_vocab"]))
+    return sorted(set(range(total)) - present)
+
+
+def _write(paths: list[Path], entries: list[_Entry], output: Path) -> None:
+    """Copy the entries' lines, in order, into a temporary file, then rename it to `output`."""
+    files = [p.open("rb") for p in paths]
+    try:
+        with atomic_open(output, "wb") as out:
+            for e in tqdm(entries, desc="write", unit="rec", disable=progress_disabled()):
+                files[e.shard].seek(e.offset)
+                out.write(files[e.shard].read(e.length))
+    finally:
+        for f in files:
+            f.close()
+
+
+def merge_shards(in_dir, output: Path, seed: int, skip_bad: bool) -> MergeStats:
+    """Check, dedup, shuffle and write the shards of `in_dir` to `output`; return the statistics.
+
+    Raises:
+        FileNotFoundError: no shards. JsonlError: a bad line (file:line) without skip_bad.
+    """
+    paths = find_shards(in_dir)
+    stats = MergeStats(shards=[p.name for p in paths])
+    entries = _scan(paths, skip_bad, stats)
+    random.Random(seed).shuffle(entries)
+    _write(paths, entries, output)
+    stats.missing_shards = missing_shards(paths)
+    write_json(output.with_suffix(".stats.json"), summary(stats, output))
+    return stats
+
+
+def summary(stats: MergeStats, output: Path) -> dict:
+    return {"output": str(output), "shards": len(stats.shards), "records": stats.records, "tokens": stats.tokens,
+            "mean_tokens": round(stats.tokens / max(stats.records, 1), 1), "duplicates_dropped": stats.duplicates,
+            "bad_lines_skipped": stats.bad_lines, "finish": dict(stats.finish),
+            "length_histogram": {f"<={k}": v for k, v in sorted(stats.lengths.items())},
+            "missing_shards": stats.missing_shards, "incomplete_shards": stats.incomplete_shards}
+
+
+def format_summary(info: dict) -> str:
+    peak = max(info["length_histogram"].values(), default=1)
+    lines = [f"merged {info['records']} records, {info['tokens']} tokens (mean {info['mean_tokens']}) from "
+             f"{info['shards']} shards into {info['output']}",
+             f"dropped {info['duplicates_dropped']} exact duplicates, skipped {info['bad_lines_skipped']} bad lines; "
+             f"finish: {info['finish']}",
+             "length histogram (tokens per record):"]
+    lines += [f"  {k:>7} {v:8d} {'#' * max(1, round(40 * v / peak))}" for k, v in info["length_histogram"].items()]
+    lines.append(f"missing shards: {_ranges(info['missing_shards']) or 'none'}")
+    lines.append(f"incomplete shards: {info['incomplete_shards'] or 'none'}")
+    return "\n".join(lines)
+
+
+def _ranges(indices: list[int]) -> str:
+    """[2, 3, 4, 7] -> "2-4, 7"."""
+    spans: list = []
+    for i in indices:
+        if spans and spans[-1][1] == i - 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
