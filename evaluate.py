@@ -10,8 +10,8 @@ Without data_dir, $LLMQAT_DATA_DIR names the local data directory; without eithe
 
 import sys
 
-from utils.cli import run_entry_point
 from recipes.evaluate import EvalConfig, run
+from utils.cli import run_entry_point
 
 
 def main(argv) -> int:

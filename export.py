@@ -5,13 +5,13 @@
     python export.py student=DIR format=gguf_q8_0 output=x.gguf tokenizer_from=smollm2-135m
 
 All settings: recipes/export.py `ExportConfig` (defaults), configs/export.yaml (values), `key=value`.
-Reload a packed export with `quant.packed.load_packed(DIR)`; run a GGUF in llama.cpp.
+Reload a packed export with `models.convert.load_packed(DIR)`; run a GGUF in llama.cpp.
 """
 
 import sys
 
-from utils.cli import run_entry_point
 from recipes.export import ExportConfig, run
+from utils.cli import run_entry_point
 
 
 def _summary(result) -> None:

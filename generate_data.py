@@ -12,8 +12,8 @@ All settings: recipes/generate.py `GenerateConfig` (defaults), configs/generate.
 
 import sys
 
-from utils.cli import run_entry_point
 from recipes.generate import GenerateConfig, run
+from utils.cli import run_entry_point
 
 
 def main(argv) -> int:

@@ -8,8 +8,8 @@ All settings: recipes/merge.py `MergeConfig` (defaults), configs/merge.yaml (val
 
 import sys
 
-from utils.cli import run_entry_point
 from recipes.merge import MergeConfig, run
+from utils.cli import run_entry_point
 
 
 def main(argv) -> int:

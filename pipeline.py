@@ -9,8 +9,8 @@ stages, the skip / resume rules and the same pipeline on Llama-7B with 8 GPUs); 
 
 import sys
 
-from utils.cli import run_entry_point
 from recipes.pipeline import PipelineConfig, run
+from utils.cli import run_entry_point
 
 
 def main(argv) -> int:

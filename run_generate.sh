@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Data-free data generation: run_generate.sh N [key=value ...] runs shards 0..N-1 of generate_data.py,
 # one process per GPU at once (CUDA_VISIBLE_DEVICES=i), or one after another on a CPU machine.
-#   sh run_generate.sh 2 n_vocab=16 max_length=128 && python merge_gen_data.py
+#   sh run_generate.sh 2 config=configs/gen_smollm2.yaml && python merge_gen_data.py
 #   sh run_generate.sh 64                  # the original: 64 shards x 500 start ids (LLaMA, 32k vocab)
-# Every key is a field of recipes/generate.py GenerateConfig (values in configs/generate.yaml). A killed
-# run resumes when started again. SmolLM2-135M on the 2-core CPU: see the README, "Data-free data".
+# Every key is a field of recipes/generate.py GenerateConfig (defaults there; config=FILE.yaml merges an
+# experiment from configs/). A killed run resumes when started again. Protocol: docs/data.md.
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -euo pipefail
 if [ "$#" -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Distillation QAT: run_train.sh W A KV [key=value ...]  (bits 2..8, or 16 = full precision)
-#   sh run_train.sh 4 8 8 data.train=gen_data/all_gen.jsonl output_dir=runs/w4a8kv8 max_steps=100
+#   sh run_train.sh 4 8 8 config=configs/qat_smollm2_w4a8kv8.yaml      # the SmolLM2 QAT recipe
 #   sh run_train.sh 4 8 8 backend=fsdp nproc=2 resume=auto     # 2 processes: GPUs, else CPU + gloo
-# Every key is a field of recipes/train.py TrainConfig (values in configs/train.yaml). nproc comes
-# from the command line, else $NPROC, else the config; the launcher is torchrun for nproc > 1.
-# About 1 min per 10 steps of SmolLM2-135M at model_max_length=256 on a 2-core CPU.
+# Every key is a field of recipes/train.py TrainConfig (defaults there; config=FILE.yaml merges an
+# experiment from configs/). nproc comes from the command line, else $NPROC, else the config; the
+# launcher is torchrun for nproc > 1. Protocol: docs/training.md.
 if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -euo pipefail
 if [ "$#" -lt 3 ]; then

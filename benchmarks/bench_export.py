@@ -7,7 +7,7 @@ Students: two round-to-nearest W4 (A16 KV16) students of `model` built here (Min
 paper's grid, and GGUF-faithful gguf_q4_0), plus `student=DIR` (e.g. a QAT student) if given.
 Each is exported with `recipes.export.run` (what export.py calls) to packed (dense tensors float32 and
 bf16), gguf_q4_0 and gguf_q8_0. On WikiText-2 test windows it reports perplexity and next-token
-(argmax) agreement with the fake-quant student: packed is reloaded with `quant.packed.load_packed`,
+(argmax) agreement with the fake-quant student: packed is reloaded with `models.convert.load_packed`,
 GGUF runs in llama.cpp (llama-cpp-python, if installed; it quantizes activations to 8 bits inside
 its matmuls). The llama.cpp baseline is the full-precision model written as an F32 GGUF and
 quantized to Q4_0 by llama.cpp's own `llama_model_quantize` (embeddings forced to Q8_0, as ours), and
@@ -33,14 +33,14 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import load_model, quantize_model, save_model  # noqa: E402
+from models.convert import load_packed  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
-from quant.packed import load_packed  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.eval.datasets import wikitext2_text  # noqa: E402
 from recipes.export import ExportConfig, artifact_bytes, tokenizer_source  # noqa: E402
 from recipes.export import run as export  # noqa: E402
-from utils.logging import setup_logging  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.eval.datasets import wikitext2_text  # noqa: E402
 from utils.eval.perplexity import make_windows, tokenize_stream  # noqa: E402
+from utils.logging import setup_logging  # noqa: E402
 
 logger = logging.getLogger("bench_export")
 RTN_STUDENTS = {"rtn_w4_minmax": dict(w_bits=4), "rtn_w4_gguf_q4_0": dict(w_bits=4, weight_format="gguf_q4_0")}

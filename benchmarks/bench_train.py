@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import dequantize_model, load_model, set_quantizers_enabled  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
-from utils.train.distill import DistillStudent, KDLoss, next_token_labels, teacher_hidden_states, token_kl  # noqa: E402
 from utils.eval.datasets import wikitext2_text  # noqa: E402
+from utils.train.distill import DistillStudent, KDLoss, next_token_labels, teacher_hidden_states, token_kl  # noqa: E402
 
 
 def fixed_batch(tokenizer, batch: int, seqlen: int) -> torch.Tensor:

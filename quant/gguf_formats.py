@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from quant.config import GGUF_BLOCK_SIZE, GGUF_FORMATS
+from quant.errors import UserError
 
 # format -> (qmin, qmax) of the stored codes and the fixed zero point
 CODE_RANGES = {"gguf_q4_0": (0, 15), "gguf_q8_0": (-128, 127)}
@@ -30,14 +31,14 @@ ZERO_POINTS = {"gguf_q4_0": 8.0, "gguf_q8_0": 0.0}
 
 def check_format(fmt: str) -> str:
     if fmt not in GGUF_FORMATS:
-        raise ValueError(f"unknown GGUF format {fmt!r}; use one of {tuple(GGUF_FORMATS)}")
+        raise UserError(f"unknown GGUF format {fmt!r}; use one of {tuple(GGUF_FORMATS)}")
     return fmt
 
 
 def to_blocks(x: torch.Tensor) -> torch.Tensor:
     """[..., N] -> float32 [..., N // 32, 32]."""
     if x.shape[-1] % GGUF_BLOCK_SIZE:
-        raise ValueError(f"GGUF blocks of {GGUF_BLOCK_SIZE} do not divide the last dimension {x.shape[-1]}")
+        raise UserError(f"GGUF blocks of {GGUF_BLOCK_SIZE} do not divide the last dimension {x.shape[-1]}")
     return x.to(torch.float32).unflatten(-1, (x.shape[-1] // GGUF_BLOCK_SIZE, GGUF_BLOCK_SIZE))
 
 

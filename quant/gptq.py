@@ -24,8 +24,8 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.config import GGUF_FORMATS, QuantConfig, QuantSpec
+from quant.errors import UserError
 from quant.fake_quant import compute_qparams, group_view, int_range, quantize, quantize_dequantize
-from utils.logging import progress_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def weight_grid(weight: torch.Tensor, spec: QuantSpec):
     Pinned: the elements that set each slice's scale, with their round-to-nearest values.
     """
     if spec.format in GGUF_FORMATS:
-        raise ValueError(f"GPTQ supports the MinMax weight grid only, not weight_format={spec.format}")
+        raise UserError(f"GPTQ supports the MinMax weight grid only, not weight_format={spec.format}")
     w = weight.double()
     xg = group_view(w, spec.granularity, spec.group_size)
     scale, zero = compute_qparams(xg, spec.bits, spec.symmetric)
@@ -148,14 +148,15 @@ def _run_layer(layer, inputs: list) -> list:
 
 @torch.no_grad()
 def gptq_model(model: nn.Module, qcfg: QuantConfig, calib_ids: torch.Tensor, block_size: int = 128,
-               percdamp: float = 0.01, act_order: bool = False, batch_size: int = 8) -> nn.Module:
-    """GPTQ-round every target linear of a plain (unpatched) HF decoder model in place."""
+               percdamp: float = 0.01, act_order: bool = False, batch_size: int = 8,
+               progress: bool = True) -> nn.Module:
+    """GPTQ-round every target linear of a plain (unpatched) HF decoder model in place (`progress`: a tqdm bar)."""
     spec = qcfg.weight_spec()
     if not spec.enabled:
-        raise ValueError("GPTQ needs quantized weights: set w_bits to 2..8")
+        raise UserError("GPTQ needs quantized weights: set w_bits to 2..8")
     inputs = capture_layer_inputs(model, calib_ids.to(next(model.parameters()).device), batch_size)
     layers = model.model.layers
-    for index in tqdm(range(len(layers)), desc="gptq", disable=progress_disabled()):
+    for index in tqdm(range(len(layers)), desc="gptq", disable=not progress):
         layer = layers[index]
         linears = {n: m for n, m in layer.named_modules()
                    if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in qcfg.targets}

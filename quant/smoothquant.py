@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quant.errors import UserError
+
 SMOOTH_EPS = 1e-5
 
 
@@ -67,7 +69,7 @@ def smooth_model(model: nn.Module, act_scales: dict, alpha: float = 0.5, smooth_
         ValueError: alpha outside [0, 1], or a layer without the expected modules / scales.
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+        raise UserError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
     for i, layer in enumerate(model.model.layers):
         attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{i}."
         try:
@@ -78,7 +80,7 @@ def smooth_model(model: nn.Module, act_scales: dict, alpha: float = 0.5, smooth_
             if smooth_down:
                 groups.append((mlp.up_proj.weight, [mlp.down_proj], act_scales[prefix + "mlp.down_proj"]))
         except (AttributeError, KeyError) as err:
-            raise ValueError(f"SmoothQuant needs a Llama-style layer {i} with calibration scales: {err}") from None
+            raise UserError(f"SmoothQuant needs a Llama-style layer {i} with calibration scales: {err}") from None
         for source, linears, act in groups:
             _fold(source.data, linears, smoothing_factors(act, [m.weight for m in linears], alpha))
     return model

@@ -18,17 +18,24 @@ from typing import List, Optional
 
 import torch
 
+from models import get_quant_config, load_model, model_fingerprint, read_quant_config
+from models.convert import convert
 from quant.config import QuantConfig
+from quant.errors import UserError
 from utils.config import to_dict
-from utils.eval.datasets import resolve_data_dir
-from utils.io import atomic_write_text, write_json
+from utils.eval.cache import cached_results, config_hash
+from utils.eval.datasets import c4_texts, resolve_data_dir, wikitext2_text
+from utils.eval.perplexity import c4_windows, perplexity, perplexity_of_windows
+from utils.eval.report import table_row, write_table
+from utils.eval.tasks import ALL_TASKS, TASKS, load_task
+from utils.eval.zeroshot import evaluate_docs
+from utils.io import write_json
 from utils.logging import print0
-from utils.eval.tasks import TASKS, ZERO_SHOT_TASKS
 
 logger = logging.getLogger(__name__)
 
-PPL_TASKS = ("wikitext2", "c4")
-ALL_TASKS = PPL_TASKS + ZERO_SHOT_TASKS
+# Fields that do not change a number: where results go, which tasks this call runs, extra harness tasks.
+_NOT_IN_KEY = ("output", "tasks", "harness_tasks", "fresh")
 
 
 @dataclass
@@ -48,6 +55,7 @@ class EvalConfig:
     dtype, device: model weights' dtype; "auto" device = cuda when available, else cpu (or e.g. cuda:1).
     output: results JSON; the markdown table goes next to it with suffix .md.
     harness_tasks: extra lm-evaluation-harness task names, run through lm_eval if installed.
+    fresh: evaluate every task again even if `output` holds its result under the same key.
     """
 
     model: str = "smollm2-135m"
@@ -65,47 +73,27 @@ class EvalConfig:
     data_dir: Optional[str] = None
     output: str = "runs/eval/results.json"
     harness_tasks: List[str] = field(default_factory=list)
+    fresh: bool = False
     quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in ALL_TASKS]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(ALL_TASKS)}")
+            raise UserError(f"unknown task(s) {unknown}; choose from {', '.join(ALL_TASKS)}")
         if not self.tasks and not self.harness_tasks:
-            raise ValueError("tasks is empty: name at least one task")
+            raise UserError("tasks is empty: name at least one task")
         if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"limit must be positive, got {self.limit}")
+            raise UserError(f"limit must be positive, got {self.limit}")
         if self.seqlen < 2:
-            raise ValueError(f"seqlen must be at least 2, got {self.seqlen}")
-
-
-@torch.no_grad()
-def freeze_weight_quantizers(model) -> int:
-    """Store each QuantLinear's fake-quantized weight once and switch its weight quantizer off.
-
-    The forward then multiplies by exactly the tensor the quantizer would have produced on every
-    call (bit-identical logits), without re-quantizing ~100M weights per forward. Evaluation only:
-    the model must not be trained or saved afterwards.
-    """
-    from quant.linear import QuantLinear
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module.weight_quantizer.enabled:
-            module.weight.data = module.weight_quantizer(module.weight).detach()
-            module.weight_quantizer.enabled = False
-            count += 1
-    return count
+            raise UserError(f"seqlen must be at least 2, got {self.seqlen}")
 
 
 def load_eval_model(cfg: EvalConfig):
     """(model, tokenizer): a saved student keeps its own quantizers unless quant is given."""
-    from models import get_quant_config, load_model
-
     explicit = cfg.quant != QuantConfig() or not cfg.use_saved_quant
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device, quant=cfg.quant if explicit else None)
-    freeze_weight_quantizers(model)
+    convert(model, "folded")  # weights quantized once: bit-identical logits, faster forwards
     qcfg = get_quant_config(model)
     logger.info("evaluating %s at %s", cfg.model, qcfg.tag() if qcfg else "full precision")
     return model.eval(), tok
@@ -113,11 +101,6 @@ def load_eval_model(cfg: EvalConfig):
 
 def evaluate_task(model, tok, task: str, cfg: EvalConfig) -> dict:
     """Metrics of one task, plus n, seconds and examples_per_s."""
-    from utils.eval.datasets import c4_texts, wikitext2_text
-    from utils.eval.perplexity import c4_windows, perplexity, perplexity_of_windows
-    from utils.eval.tasks import load_task
-    from utils.eval.zeroshot import evaluate_docs
-
     start, ppl_limit = time.time(), cfg.ppl_limit if cfg.ppl_limit is not None else cfg.limit
     if task == "wikitext2":
         res = perplexity(model, tok, wikitext2_text("test", cfg.data_dir), cfg.seqlen, ppl_limit, cfg.ppl_batch_size)
@@ -139,43 +122,66 @@ def run_harness(model, tok, cfg: EvalConfig) -> dict:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise ValueError("harness_tasks needs lm-evaluation-harness: pip install lm_eval") from None
+        raise UserError("harness_tasks needs lm-evaluation-harness: pip install lm_eval") from None
     out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok), tasks=list(cfg.harness_tasks),
                           limit=cfg.limit)
     return out["results"]
 
 
-def markdown(results: dict, title: str) -> str:
-    lines = [f"**{title}**", "", "| task | metric | value | n | examples/s |", "|---|---|---:|---:|---:|"]
-    for task, res in results.items():
-        for metric in ("ppl", "acc", "acc_norm"):
-            if metric in res:
-                value = f"{res[metric]:.3f}" if metric == "ppl" else f"{100 * res[metric]:.1f}"
-                lines.append(f"| {task} | {metric} | {value} | {res['n']} | {res['examples_per_s']} |")
-    return "\n".join(lines) + "\n"
+def cache_key(cfg: EvalConfig) -> str:
+    """The key results are cached under: every setting that changes a number, and the model's
+    content fingerprint (not its path); see utils/eval/cache.py."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_KEY}
+    settings["data_dir"] = str(resolve_data_dir(cfg.data_dir))
+    return config_hash({"eval": settings, "model": model_fingerprint(cfg.model)})
+
+
+def cached_payload(cfg: EvalConfig) -> Optional[dict]:
+    """The results JSON at `cfg.output` if it holds every task of `cfg` under its key, else None."""
+    key = cache_key(cfg)
+    done = cached_results(cfg.output, key)
+    if cfg.fresh or any(t not in done for t in cfg.tasks):
+        return None
+    return _payload(cfg, key, get_quant_config_of(cfg), {t: done[t] for t in cfg.tasks})
+
+
+def get_quant_config_of(cfg: EvalConfig) -> Optional[dict]:
+    """The quant config the model is evaluated at, without loading it."""
+    explicit = cfg.quant != QuantConfig() or not cfg.use_saved_quant
+    qcfg = cfg.quant if explicit else (read_quant_config(cfg.model) if Path(cfg.model).is_dir() else None)
+    return qcfg.to_dict() if qcfg is not None else None
+
+
+def _payload(cfg: EvalConfig, key: str, quant: Optional[dict], results: dict) -> dict:
+    tag = QuantConfig.from_dict(quant).tag() if quant else "FP"
+    return {"model": cfg.model, "tag": tag, "quant": quant, "config": to_dict(cfg), "results": results,
+            "provenance": {"config_hash": key}}
 
 
 def run(cfg: EvalConfig) -> dict:
-    """Evaluate `cfg.model` on `cfg.tasks`; write the JSON and markdown files; return the JSON."""
-    from models import get_quant_config
-
+    """Evaluate `cfg.model` on `cfg.tasks`, saving the JSON after each task (a task already saved
+    under the same key is reused); write the markdown table next to it; return the JSON."""
     if resolve_data_dir(cfg.data_dir) is None:
         logger.warning("no data_dir / LLMQAT_DATA_DIR: evaluation data comes from the Hugging Face hub")
-    model, tok = load_eval_model(cfg)
-    qcfg = get_quant_config(model)
-    results = {}
-    for task in cfg.tasks:
+    key, out = cache_key(cfg), Path(cfg.output)
+    results = {} if cfg.fresh else {t: r for t, r in cached_results(out, key).items() if t in cfg.tasks}
+    if results:
+        logger.info("reusing %s from %s (same config_hash %s; fresh=true evaluates again)", sorted(results), out, key)
+    todo = [t for t in cfg.tasks if t not in results]
+    quant = get_quant_config_of(cfg)
+    model, tok = load_eval_model(cfg) if todo or cfg.harness_tasks else (None, None)
+    for task in todo:
         results[task] = evaluate_task(model, tok, task, cfg)
         logger.info("%s: %s", task, {k: v for k, v in results[task].items() if not k.endswith("stderr")})
-    tag = qcfg.tag() if qcfg else "FP"
-    payload = {"model": cfg.model, "tag": tag, "quant": qcfg.to_dict() if qcfg else None,
-               "config": to_dict(cfg), "results": results}
+        write_json(out, _payload(cfg, key, quant, results))
+    payload = _payload(cfg, key, quant, {t: results[t] for t in cfg.tasks})
     if cfg.harness_tasks:
         payload["harness"] = run_harness(model, tok, cfg)
-    out = Path(cfg.output)
     write_json(out, payload)
-    title = f"{cfg.model} at {tag} (limit={cfg.limit}, ppl_limit={cfg.ppl_limit}, seqlen={cfg.seqlen})"
-    table = markdown(results, title)
-    atomic_write_text(out.with_suffix(".md"), table)
+    setting = "-".join(str(quant[k]) for k in ("w_bits", "a_bits", "kv_bits")) if quant else "16-16-16"
+    notes = [f"{cfg.model} at {payload['tag']}: limit={cfg.limit}, ppl_limit={cfg.ppl_limit}, seqlen={cfg.seqlen}; "
+             "n per task: " + ", ".join(f"{t} {results[t]['n']}" for t in cfg.tasks)]
+    table = write_table([table_row(payload["tag"], setting, payload["results"], cfg.tasks)], cfg.tasks,
+                        out.with_suffix(".md"), notes, rows_json=False)
     print0(table)
     return payload

@@ -3,7 +3,7 @@
     python export.py student=runs/w4a8kv8/student format=packed output=exports/w4-packed
     python export.py student=runs/q4_0/student format=gguf_q4_0 output=exports/student.Q4_0.gguf
 
-All settings: `ExportConfig` below (defaults), configs/export.yaml (values), `key=value`.
+All settings: `ExportConfig` below, `key=value`. The conversion itself is models/convert.py.
 The student folder must hold a `quant_config.json` (written by models.save_model / train.py): it
 says which grid the weights were trained on. Everything is checked before the model is loaded, and
 the artifact is written under a temporary name and renamed, so a failure leaves no partial output.
@@ -17,7 +17,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.convert import convert, read_packed_config
+from models.loading import DTYPES, QUANT_CONFIG_FILE, load_model, read_quant_config, resolve_model, to_dtype
 from quant.config import GGUF_FORMATS, QuantConfig, is_off
+from quant.errors import InputFileError, UserError
+from quant.export_gguf import EMBED_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ EXPORT_FORMATS = ("packed", *GGUF_FORMATS)
 class ExportConfig:
     """Args:
         student: folder of a fake-quant student (HF folder + quant_config.json).
-        format: packed (int4/int8 safetensors + scales, reloaded by quant.packed.load_packed),
+        format: packed (int4/int8 safetensors + scales, reloaded by models.convert.load_packed),
             gguf_q4_0 or gguf_q8_0 (llama.cpp).
         output: a folder for packed, a .gguf file for the GGUF formats.
         dtype: dtype the student is loaded in (its fake-quant arithmetic follows it).
@@ -48,17 +52,14 @@ class ExportConfig:
     tokenizer_from: str = ""
 
     def __post_init__(self):
-        from models.loading import DTYPES
-        from quant.export_gguf import EMBED_TYPES
-
         if self.format not in EXPORT_FORMATS:
-            raise ValueError(f"unknown format {self.format!r}; use one of {EXPORT_FORMATS}")
+            raise UserError(f"unknown format {self.format!r}; use one of {EXPORT_FORMATS}")
         if self.embed_type not in EMBED_TYPES:
-            raise ValueError(f"unknown embed_type {self.embed_type!r}; use one of {EMBED_TYPES}")
+            raise UserError(f"unknown embed_type {self.embed_type!r}; use one of {EMBED_TYPES}")
         for name in ("dtype", "dense_dtype"):
             value = getattr(self, name)
             if value not in DTYPES and not (name == "dense_dtype" and value == "auto"):
-                raise ValueError(f"unknown {name} {value!r}; use one of {sorted(DTYPES)}")
+                raise UserError(f"unknown {name} {value!r}; use one of {sorted(DTYPES)}")
 
 
 def check_student(student: str, fmt: str) -> QuantConfig:
@@ -68,57 +69,48 @@ def check_student(student: str, fmt: str) -> QuantConfig:
         FileNotFoundError: no such folder.
         ValueError: no quant_config.json, weights not quantized, or more bits than `fmt` holds.
     """
-    from models.loading import QUANT_CONFIG_FILE, read_quant_config
-
     folder = Path(student)
     if not student or not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"student={student!r} is not a model folder (no config.json)")
+        raise InputFileError(f"student={student!r} is not a model folder (no config.json)")
     qcfg = read_quant_config(folder)
     if qcfg is None:
-        raise ValueError(f"{folder} has no {QUANT_CONFIG_FILE}: export needs a quantized student "
+        raise UserError(f"{folder} has no {QUANT_CONFIG_FILE}: export needs a quantized student "
                          f"(models.save_model of a models.quantize_model'd model, or a train.py output)")
     if is_off(qcfg.w_bits):
-        raise ValueError(f"the student's weights are not quantized (w_bits={qcfg.w_bits}): nothing to export low-bit")
+        raise UserError(f"the student's weights are not quantized (w_bits={qcfg.w_bits}): nothing to export low-bit")
     if fmt in GGUF_FORMATS and qcfg.w_bits > GGUF_FORMATS[fmt]:
-        raise ValueError(f"format={fmt} holds {GGUF_FORMATS[fmt]}-bit weights; the student has w_bits={qcfg.w_bits} "
+        raise UserError(f"format={fmt} holds {GGUF_FORMATS[fmt]}-bit weights; the student has w_bits={qcfg.w_bits} "
                          f"(unsupported bit width for this format)")
     return qcfg
 
 
 def check_output(output: str, fmt: str) -> Path:
     """Path to write; an existing output is only replaced if it is an artifact of the same kind."""
-    from quant.packed import read_packed_config
-
     if not output:
-        raise ValueError("output= is required")
+        raise UserError("output= is required")
     path = Path(output)
     if fmt in GGUF_FORMATS and path.suffix != ".gguf":
-        raise ValueError(f"output={output!r}: a GGUF export is a file ending in .gguf")
+        raise UserError(f"output={output!r}: a GGUF export is a file ending in .gguf")
     if path.exists():
         if fmt == "packed" and path.is_dir() and any(path.iterdir()):
             read_packed_config(path)  # raises unless it is a previous packed export
         elif fmt in GGUF_FORMATS and not path.is_file():
-            raise ValueError(f"output={output!r} exists and is not a file")
+            raise UserError(f"output={output!r} exists and is not a file")
     return path
 
 
 def tokenizer_source(name: str) -> str:
     """The .gguf file behind a path or alias (`smollm2-135m`), for its tokenizer metadata."""
-    from models.loading import resolve_model
-
     folder, gguf = resolve_model(name)
     if gguf is None:
-        raise ValueError(f"tokenizer_from={name!r} is not a .gguf file or a GGUF alias")
+        raise UserError(f"tokenizer_from={name!r} is not a .gguf file or a GGUF alias")
     return str(Path(folder) / gguf)
 
 
 def _write_packed(model, tokenizer, path: Path, dense_dtype: str) -> None:
-    from models.loading import to_dtype
-    from quant.packed import save_packed
-
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_packed(model, tokenizer, tmp, None if dense_dtype == "auto" else to_dtype(dense_dtype))
+        convert(model, "packed", tokenizer, tmp, dense_dtype=None if dense_dtype == "auto" else to_dtype(dense_dtype))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -133,9 +125,6 @@ def artifact_bytes(path: Path) -> int:
 
 def run(cfg: ExportConfig) -> dict:
     """Check inputs, load the student, write the artifact; returns {'output', 'format', 'bytes'}."""
-    from models import load_model
-    from quant.export_gguf import write_gguf
-
     qcfg = check_student(cfg.student, cfg.format)
     path = check_output(cfg.output, cfg.format)
     tokenizer_from = tokenizer_source(cfg.tokenizer_from) if cfg.tokenizer_from else None
@@ -146,8 +135,8 @@ def run(cfg: ExportConfig) -> dict:
     if cfg.format == "packed":
         _write_packed(model, tokenizer, path, cfg.dense_dtype)
     else:
-        write_gguf(model, tokenizer, path, cfg.format.removeprefix("gguf_"), cfg.embed_type, tokenizer_from,
-                   name=Path(cfg.student).name)
+        convert(model, cfg.format, tokenizer, path, embed_type=cfg.embed_type, tokenizer_from=tokenizer_from,
+                name=Path(cfg.student).name)
     size = artifact_bytes(path)
     logger.info("wrote %s: %.1f MB", path, size / 1e6)
     return {"output": str(path), "format": cfg.format, "bytes": size}

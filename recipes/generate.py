@@ -24,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from models import load_model
+from quant.errors import UserError
 from utils.data.generation import Sampling, generate_sequences
-from utils.data.shards import ShardWriter, check_meta, done_keys, repair_shard, shard_path, write_meta
+from utils.data.shards import ShardWriter, check_meta, done_keys, read_meta, repair_shard, shard_path, write_meta
 from utils.logging import progress_disabled
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class GenerateConfig:
                    for j in self.greedy_lengths]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
 
 
 def resolve_shard(shard: Optional[int]) -> int:
@@ -109,7 +110,7 @@ def shard_jobs(shard: int, n_vocab: int, greedy_lengths: List[int], vocab_size: 
     """
     first = shard * n_vocab
     if first >= vocab_size:
-        raise ValueError(f"shard {shard} starts at id {first}, past the vocabulary ({vocab_size} ids, "
+        raise UserError(f"shard {shard} starts at id {first}, past the vocabulary ({vocab_size} ids, "
                          f"{-(-vocab_size // n_vocab)} shards of n_vocab={n_vocab})")
     ids = [i for i in range(first, min(first + n_vocab, vocab_size)) if i not in skip]
     return [(i, j) for j in greedy_lengths for i in ids]
@@ -133,6 +134,18 @@ def record_settings(cfg: GenerateConfig, shard: int, vocab_size: int, eos: list[
     """What decides a shard's records (batch_size, device and threads do not: see the README)."""
     keys = ("model", "n_vocab", "greedy_lengths", "max_length", "temperature", "top_k", "top_p", "seed", "dtype")
     return {**{k: getattr(cfg, k) for k in keys}, "shard": shard, "vocab_size": vocab_size, "eos_ids": eos}
+
+
+def is_complete(cfg: GenerateConfig) -> bool:
+    """The shard's metadata says complete and was made with these settings."""
+    shard = resolve_shard(cfg.shard)
+    path = shard_path(cfg.out_dir, shard)
+    meta = read_meta(path) if path.is_file() else None
+    if not meta or meta.get("complete") is not True:
+        return False
+    old = meta.get("settings", {})
+    eos = cfg.eos_ids if cfg.eos_ids is not None else old.get("eos_ids")
+    return record_settings(cfg, shard, old.get("vocab_size"), eos) == old
 
 
 def run(cfg: GenerateConfig) -> Path:

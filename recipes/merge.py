@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from utils.data.merge import MergeStats, format_summary, merge_shards, summary
+from utils.data.merge import MergeStats, find_shards, format_summary, merge_shards, summary
+from utils.io import newer
 from utils.logging import print0
 
 
@@ -43,6 +44,16 @@ def output_path(cfg: MergeConfig) -> Path:
 def merge(cfg: MergeConfig) -> MergeStats:
     """Check, dedup, shuffle and write the shards of `cfg.in_dir` (utils/data/merge.py)."""
     return merge_shards(cfg.in_dir, output_path(cfg), cfg.seed, cfg.skip_bad)
+
+
+def is_current(cfg: MergeConfig) -> bool:
+    """The merged file and its statistics exist and were written after every shard."""
+    output = output_path(cfg)
+    try:
+        shards = find_shards(cfg.in_dir)
+    except FileNotFoundError:
+        return False
+    return output.with_suffix(".stats.json").is_file() and newer(output, *shards)
 
 
 def run(cfg: MergeConfig) -> MergeStats:

@@ -9,7 +9,7 @@ Stages, each the same `run(cfg)` its entry point calls (outputs under `out_dir`)
     2 merge     recipes.merge (merge_gen_data.py)      gen_data/all_gen.jsonl (+ all_gen.stats.json)
     3 train     recipes.train (train.py)             qat-<tag>/student/, train_metrics.json
     4-6 eval    recipes.evaluate (evaluate.py)       eval/fp.json, eval/rtn-<tag>.json, eval/qat-<tag>.json
-    7 report    recipes.table rows + utils.plots      table.md, table.json, pipeline.png, timings.json
+    7 report    utils.eval.report + utils.plots      table.md, table.json, pipeline.png, timings.json
 
 `<tag>` is `quant.tag()` (W4A8KV8). The sections `generate`, `merge`, `train` and `eval` are the
 entry points' own schemas, so every stage setting is a `key=value` (`generate.n_vocab=8`,
@@ -17,12 +17,13 @@ entry points' own schemas, so every stage setting is a `key=value` (`generate.n_
 that RTN and QAT share. The pipeline sets the fields that connect the stages (`WIRED`: models,
 paths, shard, quant); giving one of them is an error.
 
-Skip / resume: a stage whose outputs exist and are valid is skipped: a shard whose metadata says
-complete with the same settings (an unfinished shard resumes: recipes/generate.py), an
-`all_gen.jsonl` newer than every shard, a student with config.json + quant_config.json whose
-`train_metrics.json` is newer than the data and whose `train_config.yaml` equals this run's, an
-eval JSON written with this run's exact eval config (and, for QAT, newer than the student). The
-report is rebuilt every run (seconds). Evaluation data are probed first: a task whose data cannot
+Skip / resume: each stage's recipe says whether its outputs are already valid: a shard whose
+metadata says complete with the same settings (`recipes.generate.is_complete`; an unfinished
+shard resumes), an `all_gen.jsonl` newer than every shard (`recipes.merge.is_current`), a student
+trained with this run's exact train config after the data was written (`recipes.train.is_trained`),
+an evaluation whose results JSON holds every task under the same key: evaluation settings and the
+model's content fingerprint (recipes/evaluate.py, utils/eval/cache.py). The report is rebuilt
+every run (seconds). Evaluation data are probed first: a task whose data cannot
 be read (no data_dir / $LLMQAT_DATA_DIR and no internet, or a missing file) is skipped and named,
 and generation, merge and training still run.
 
@@ -45,7 +46,7 @@ config values only:
         # (train_blocks is logged and written to train_metrics.json)
     python evaluate.py model=runs/llama7b-w4a8kv8/student seqlen=2048 output=runs/llama7b-w4a8kv8/eval.json
     sh run_table.sh model=/path/llama-7b settings=[4-8-8] methods=[fp,rtn] \\
-        qat=[runs/llama7b-w4a8kv8/student] seqlen=2048 cache_dir=runs/table-llama7b output=runs/table-llama7b/table.md
+        qat=[runs/llama7b-w4a8kv8/student] eval.seqlen=2048 cache_dir=runs/table-llama7b output=runs/table-llama7b/table.md
 
 Evaluation (evaluate.py, run_table.sh) runs on the GPU when there is one (`device=auto`; add
 `dtype=bfloat16` for 7B). The PTQ baselines (quantize_ptq.py: SmoothQuant, GPTQ) still build their
@@ -54,7 +55,6 @@ students on the CPU, which for 7B is slow.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import operator
@@ -64,27 +64,34 @@ from pathlib import Path
 from typing import Optional
 
 from quant.config import QuantConfig
-from utils.config import to_dict, to_yaml
-from recipes.evaluate import PPL_TASKS, EvalConfig
+from quant.errors import UserError
+from recipes import evaluate, generate, merge, train
+from recipes.evaluate import EvalConfig
 from recipes.generate import GenerateConfig
-from utils.io import atomic_write_text, write_json
-from utils.logging import print0
 from recipes.merge import MergeConfig
 from recipes.train import TrainConfig
+from utils.config import to_yaml
+from utils.eval.report import NAMES, add_recovered, table_row, write_table
+from utils.eval.tasks import PPL_TASKS, data_errors
+from utils.io import atomic_write_text, write_json
+from utils.logging import print0
+from utils.plots import save_results_plot
+from utils.progress import StageClock, hms
 
 logger = logging.getLogger(__name__)
 
 # Section fields the pipeline sets itself (they connect the stages).
 WIRED = {"generate": ("model", "shard", "out_dir"), "merge": ("in_dir", "output"),
          "train": ("model", "output_dir", "quant", "data.train"), "eval": ("model", "output", "quant", "data_dir")}
-# Rough SmolLM2-135M speeds on the 2-core CPU (measured runs, README "Results"); used for the ETA only.
+# Rough SmolLM2-135M speeds on a 2-core CPU, for the first ETA only (StageClock rescales it by the
+# stages that ran).
 RATES = {"gen_tok_s": 200.0, "train_tok_s": 45.0, "fp_ex_s": 3.5, "quant_ex_s": 2.0, "fp_ppl_tok_s": 400.0,
          "quant_ppl_tok_s": 250.0, "load_s": 5.0}
 
 
 @dataclass
 class PipelineConfig:
-    """Main-job settings (values in configs/main_job.yaml).
+    """Main-job settings (the main job's values: configs/main_job.yaml).
 
     Args:
         model: alias, HF folder or .gguf file: the teacher, the RTN model and the student's start.
@@ -107,12 +114,12 @@ class PipelineConfig:
 
     def __post_init__(self):
         if self.shards < 1:
-            raise ValueError(f"shards must be >= 1, got {self.shards}")
+            raise UserError(f"shards must be >= 1, got {self.shards}")
         for section, names in WIRED.items():
             value, default = getattr(self, section), type(getattr(self, section))()
             for name in names:
                 if operator.attrgetter(name)(value) != operator.attrgetter(name)(default):
-                    raise ValueError(f"{section}.{name} is set by the pipeline (from model, out_dir, quant, "
+                    raise UserError(f"{section}.{name} is set by the pipeline (from model, out_dir, quant, "
                                      f"data_dir); leave it out")
 
 
@@ -157,72 +164,6 @@ def eval_configs(cfg: PipelineConfig, p: Paths, tasks: list) -> dict[str, EvalCo
             "QAT": replace(base, model=str(p.student), output=str(p.eval_dir / f"qat-{tag}.json"))}
 
 
-# ---- validity of existing outputs -----------------------------------------------------------------
-
-
-def _newer(path: Path, *deps: Path) -> bool:
-    """`path` exists and was written no earlier than every existing dependency."""
-    return path.is_file() and all(path.stat().st_mtime_ns >= d.stat().st_mtime_ns for d in deps if d.exists())
-
-
-def shard_complete(gcfg: GenerateConfig) -> bool:
-    """The shard's metadata says complete and was made with these settings."""
-    from utils.data.shards import read_meta, shard_path
-    from recipes.generate import record_settings
-
-    path = shard_path(gcfg.out_dir, gcfg.shard)
-    meta = read_meta(path) if path.is_file() else None
-    if not meta or meta.get("complete") is not True:
-        return False
-    old = meta.get("settings", {})
-    eos = gcfg.eos_ids if gcfg.eos_ids is not None else old.get("eos_ids")
-    return record_settings(gcfg, gcfg.shard, old.get("vocab_size"), eos) == old
-
-
-def merge_valid(p: Paths) -> bool:
-    shards = sorted(p.gen_dir.glob("gen.chunk.*.jsonl"))
-    return bool(shards) and p.data.with_suffix(".stats.json").is_file() and _newer(p.data, *shards)
-
-
-def train_valid(tcfg: TrainConfig, p: Paths) -> bool:
-    out = Path(tcfg.output_dir)
-    metrics, saved = out / "train_metrics.json", out / "train_config.yaml"
-    files = (p.student / "config.json", p.student / "quant_config.json", saved)
-    return (all(f.is_file() for f in files) and saved.read_text() == to_yaml(tcfg)
-            and _newer(metrics, saved, p.data))
-
-
-def cached_eval(ecfg: EvalConfig, *deps: Path) -> Optional[dict]:
-    """The row's results JSON if it was written with exactly `ecfg` and after `deps`, else None."""
-    path = Path(ecfg.output)
-    if not _newer(path, *deps):
-        return None
-    payload = json.loads(path.read_text())
-    return payload if payload.get("config") == to_dict(ecfg) else None
-
-
-def data_errors(tasks: list, data_dir: Optional[str]) -> dict[str, str]:
-    """Task -> why its evaluation data cannot be read (FileNotFoundError, offline hub, ...)."""
-    from utils.eval.datasets import c4_texts, wikitext2_rows
-    from utils.eval.tasks import task_rows
-
-    errors = {}
-    for task in tasks:
-        try:
-            if task == "wikitext2":
-                wikitext2_rows("test", data_dir)
-            elif task == "c4":
-                c4_texts(data_dir)
-            else:
-                task_rows(task, data_dir, 1)
-        except OSError as err:  # FileNotFoundError (local), ConnectionError (offline hub)
-            errors[task] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    return errors
-
-
-# ---- progress -------------------------------------------------------------------------------------
-
-
 def estimates(cfg: PipelineConfig) -> dict[str, float]:
     """Rough seconds per stage (RATES; about 0.7 x max_length tokens per generated sequence)."""
     g, t, e, r = cfg.generate, cfg.train, cfg.eval, RATES
@@ -237,171 +178,83 @@ def estimates(cfg: PipelineConfig) -> dict[str, float]:
             "eval QAT": quant, "report": 1.0}
 
 
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class _Stage:
-    def __init__(self):
-        self.skipped = False
-
-    def skip(self, reason: str) -> None:
-        self.skipped = True
-        logger.info("skip: %s", reason)
-
-
-class StageClock:
-    """Stage headers with the elapsed time and an ETA.
-
-    ETA = the estimates of the stages not finished yet, times (seconds taken / estimate) of the
-    stages that ran so far, so a faster or slower machine or model corrects it after one stage.
-    """
-
-    def __init__(self, estimates: dict[str, float]):
-        self.estimates, self.start = estimates, time.perf_counter()
-        self.spent = self.planned = 0.0
-        self.timings: dict[str, dict] = {}
-
-    def eta(self) -> float:
-        left = sum(v for k, v in self.estimates.items() if k not in self.timings)
-        return left * (self.spent / self.planned if self.planned else 1.0)
-
-    @contextlib.contextmanager
-    def stage(self, name: str, what: str):
-        names = list(self.estimates)
-        head = f"stage {names.index(name) + 1}/{len(names)} {name}"
-        logger.info("==== %s: %s", head, what)
-        logger.info("elapsed %s | ETA ~%s (rough)", _hms(time.perf_counter() - self.start), _hms(self.eta()))
-        stage, t0 = _Stage(), time.perf_counter()
-        yield stage
-        seconds = time.perf_counter() - t0
-        if not stage.skipped:
-            self.spent, self.planned = self.spent + seconds, self.planned + self.estimates[name]
-        self.timings[name] = {"seconds": round(seconds, 1), "skipped": stage.skipped}
-        logger.info("==== %s %s in %s", head, "skipped" if stage.skipped else "done", _hms(seconds))
-
-
-# ---- stages ---------------------------------------------------------------------------------------
-
-
 def stage_generate(cfg: PipelineConfig, p: Paths, clock: StageClock) -> None:
-    from recipes.generate import run as generate
-
     gcfgs = generate_configs(cfg, p)
     with clock.stage("generate", f"{cfg.shards} shards x {cfg.generate.n_vocab} start ids x greedy "
                                  f"{cfg.generate.greedy_lengths}, max_length {cfg.generate.max_length} -> "
                                  f"{p.gen_dir}") as stage:
-        todo = [g for g in gcfgs if not shard_complete(g)]
+        todo = [g for g in gcfgs if not generate.is_complete(g)]
         if not todo:
             stage.skip(f"all {len(gcfgs)} shards complete with these settings")
         for i, gcfg in enumerate(todo):
             logger.info("shard %d (%d/%d to generate)", gcfg.shard, i + 1, len(todo))
-            generate(gcfg)
+            generate.run(gcfg)
 
 
 def stage_merge(cfg: PipelineConfig, p: Paths, clock: StageClock) -> None:
-    from recipes.merge import run as merge
-
+    mcfg = merge_config(cfg, p)
     with clock.stage("merge", f"{p.gen_dir}/gen.chunk.*.jsonl -> {p.data}") as stage:
-        if merge_valid(p):
+        if merge.is_current(mcfg):
             stage.skip(f"{p.data} is newer than every shard")
             return
         logger.info("the pipeline uses shards 0..%d only: 'missing shards' counts the whole vocabulary",
                     cfg.shards - 1)
-        merge(merge_config(cfg, p))
+        merge.run(mcfg)
 
 
 def stage_train(cfg: PipelineConfig, p: Paths, clock: StageClock) -> dict:
-    from recipes.train import run as train
-
     tcfg = train_config(cfg, p)
     with clock.stage("train", f"QAT {cfg.quant.tag()} by distillation, {tcfg.max_steps} steps x "
                               f"{tcfg.model_max_length} tokens -> {p.student}") as stage:
-        if train_valid(tcfg, p):
+        if train.is_trained(tcfg):
             stage.skip(f"{p.student} is trained with this config after the data was written")
         else:
-            train(tcfg)
+            train.run(tcfg)
     return json.loads((p.train_dir / "train_metrics.json").read_text())
 
 
-def stage_eval(name: str, ecfg: Optional[EvalConfig], deps: tuple, clock: StageClock,
-               skipped: dict) -> Optional[dict]:
-    """One row (FP, RTN or QAT): the cached JSON, else recipes.evaluate.run; None without any task data."""
-    from recipes.evaluate import run as evaluate
-
+def stage_eval(name: str, ecfg: Optional[EvalConfig], clock: StageClock, skipped: dict) -> Optional[dict]:
+    """One row (FP, RTN or QAT) through evaluate.py, which reuses a result under the same key."""
     what = (f"{ecfg.model} on {ecfg.tasks} (limit {ecfg.limit}, ppl {ecfg.ppl_limit} windows x {ecfg.seqlen}) "
             f"-> {ecfg.output}" if ecfg else "no task has evaluation data")
     with clock.stage(f"eval {name}", what) as stage:
         if ecfg is None:
             stage.skip(f"no evaluation data for {', '.join(skipped)}")
             return None
-        payload = cached_eval(ecfg, *deps)
+        payload = evaluate.cached_payload(ecfg)
         if payload is not None:
-            stage.skip(f"{ecfg.output} holds this row's results")
+            stage.skip(f"{ecfg.output} holds this row's results (same config_hash)")
             return payload
-        return evaluate(ecfg)
-
-
-# ---- report ---------------------------------------------------------------------------------------
-
-
-def table_rows(cfg: PipelineConfig, tasks: list, payloads: dict) -> list[dict]:
-    """recipes.table rows (accuracy in %, acc_norm where defined) + recovered % on Avg and on ppl."""
-    from recipes.table import TableConfig, add_recovered, table_row
-
-    setting = "-".join(str(b) for b in (cfg.quant.w_bits, cfg.quant.a_bits, cfg.quant.kv_bits))
-    view = TableConfig(model=cfg.model, settings=[setting], tasks=tasks)
-    settings = {"FP": "16-16-16", "RTN": setting, "QAT": setting}
-    rows = [table_row(view, name, settings[name], payload) for name, payload in payloads.items()]
-    add_recovered(rows)
-    return rows
+        return evaluate.run(ecfg)
 
 
 def _first(limit: Optional[int]) -> str:
     return "all" if limit is None else f"the first {limit}"
 
 
-def markdown(cfg: PipelineConfig, rows: list, tasks: list, skipped: dict, train: dict) -> str:
-    from recipes.table import NAMES
-
-    zero_shot = [t for t in tasks if t not in PPL_TASKS]
-    cols = zero_shot + (["avg"] if zero_shot else []) + [t for t in tasks if t in PPL_TASKS] + \
-        ["recovered", "recovered_ppl"]
-    heads = [NAMES.get(c, c) for c in zero_shot] + (["Avg"] if zero_shot else []) + \
-        [{"wikitext2": "Wiki2 ppl", "c4": "C4 ppl"}[t] for t in tasks if t in PPL_TASKS] + \
-        ["recovered % (Avg)", "recovered % (Wiki2 ppl)"]
-    lines = ["| Method | W-A-KV | " + " | ".join(heads) + " |", "|---|---|" + "---:|" * len(heads)]
-    for r in rows:
-        cells = [(f"{r[c]:.2f}" if c in PPL_TASKS else f"{r[c]:.1f}") if c in r else "" for c in cols]
-        lines.append(f"| {r['method']} | {r['setting']} | " + " | ".join(cells) + " |")
+def report_notes(cfg: PipelineConfig, skipped: dict, train_metrics: dict) -> list[str]:
     e = cfg.eval
-    notes = [f"{cfg.model}; QAT: {train.get('steps')} steps on {cfg.shards} shards of data-free text "
-             f"(final KD loss {train.get('final_kd', float('nan')):.4f}).",
-             f"Zero-shot: {_first(e.limit)} examples per task, accuracy in %, acc_norm where defined. "
-             f"Perplexity (WikiText-2 test): {_first(e.ppl_limit if e.ppl_limit is not None else e.limit)} windows "
-             f"of {e.seqlen} tokens. recovered % = (QAT - RTN) / (FP - RTN).",
-             *[f"Skipped (no evaluation data): {t}: {why}" for t, why in skipped.items()]]
-    table = "\n".join(lines) + "\n" if rows else "No evaluation ran: FP, RTN and QAT rows skipped.\n"
-    return table + "\n" + "\n".join(notes) + "\n"
+    return [f"{cfg.model}; QAT: {train_metrics.get('steps')} steps on {cfg.shards} shards of data-free text "
+            f"(final KD loss {train_metrics.get('final_kd', float('nan')):.4f}).",
+            f"Zero-shot: {_first(e.limit)} examples per task, accuracy in %, acc_norm where defined. "
+            f"Perplexity (WikiText-2 test): {_first(e.ppl_limit if e.ppl_limit is not None else e.limit)} windows "
+            f"of {e.seqlen} tokens. recovered % = (QAT - RTN) / (FP - RTN).",
+            *[f"Skipped (no evaluation data): {t}: {why}" for t, why in skipped.items()]]
 
 
 def stage_report(cfg: PipelineConfig, p: Paths, clock: StageClock, tasks: list, payloads: dict, skipped: dict,
-                 train: dict) -> list[dict]:
-    from utils.plots import save_results_plot
-    from recipes.table import NAMES
-
+                 train_metrics: dict) -> list[dict]:
+    setting = "-".join(str(b) for b in (cfg.quant.w_bits, cfg.quant.a_bits, cfg.quant.kv_bits))
+    settings = {"FP": "16-16-16", "RTN": setting, "QAT": setting}
     with clock.stage("report", f"{p.out / 'table.md'}, {p.out / 'pipeline.png'}"):
-        rows = table_rows(cfg, tasks, payloads) if payloads else []
-        text = markdown(cfg, rows, tasks, skipped, train)
-        atomic_write_text(p.out / "table.md", text)
-        write_json(p.out / "table.json", rows)
+        rows = [table_row(name, settings[name], payload["results"], tasks) for name, payload in payloads.items()]
+        add_recovered(rows)
+        text = write_table(rows, tasks, p.out / "table.md", report_notes(cfg, skipped, train_metrics))
         if rows:
             zero_shot = [t for t in tasks if t not in PPL_TASKS]
             acc = zero_shot + (["avg"] if len(zero_shot) > 1 else [])
             save_results_plot(rows, acc, p.out / "pipeline.png", f"{cfg.model}: FP vs RTN vs QAT at "
-                              f"{cfg.quant.tag()}", names={**NAMES, "avg": "Avg", "wikitext2": "WikiText-2"})
+                              f"{cfg.quant.tag()}", names={**NAMES, "wikitext2": "WikiText-2"})
         else:
             logger.warning("no plot: nothing was evaluated")
     print0(f"\n{text}")
@@ -429,14 +282,13 @@ def run(cfg: PipelineConfig) -> dict:
     clock = StageClock(estimates(cfg))
     stage_generate(cfg, p, clock)
     stage_merge(cfg, p, clock)
-    train = stage_train(cfg, p, clock)
-    deps = {"FP": (), "RTN": (), "QAT": (p.train_dir / "train_metrics.json",)}
-    ecfgs = eval_configs(cfg, p, tasks) if tasks else dict.fromkeys(deps)
-    payloads = {name: stage_eval(name, ecfg, deps[name], clock, skipped) for name, ecfg in ecfgs.items()}
-    rows = stage_report(cfg, p, clock, tasks, {k: v for k, v in payloads.items() if v}, skipped, train)
+    train_metrics = stage_train(cfg, p, clock)
+    ecfgs = eval_configs(cfg, p, tasks) if tasks else dict.fromkeys(("FP", "RTN", "QAT"))
+    payloads = {name: stage_eval(name, ecfg, clock, skipped) for name, ecfg in ecfgs.items()}
+    rows = stage_report(cfg, p, clock, tasks, {k: v for k, v in payloads.items() if v}, skipped, train_metrics)
     _write_timings(p, clock)
     if skipped:
         logger.warning("skipped evaluations (no data): %s for FP, RTN %s and QAT", ", ".join(skipped),
                        cfg.quant.tag())
-    logger.info("pipeline done in %s; outputs in %s", _hms(time.perf_counter() - clock.start), p.out)
+    logger.info("pipeline done in %s; outputs in %s", hms(time.perf_counter() - clock.start), p.out)
     return {"rows": rows, "skipped": skipped, "timings": clock.timings}

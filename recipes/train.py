@@ -27,11 +27,20 @@ import torch
 
 from models import dequantize_model, load_model, resolve_model, save_model
 from quant.config import QuantConfig
+from quant.errors import InputFileError, UserError
 from utils.config import to_dict, to_yaml
 from utils.data.blocks import DataConfig, check_data_file, load_blocks, split_blocks
-from utils.distributed import (BACKENDS, Runtime, barrier, check_world_size, env_world_size, full_state_dict,
-                               setup_runtime, unwrap)
-from utils.io import atomic_write_text, write_json
+from utils.distributed import (
+    BACKENDS,
+    Runtime,
+    barrier,
+    check_world_size,
+    env_world_size,
+    full_state_dict,
+    setup_runtime,
+    unwrap,
+)
+from utils.io import atomic_write_text, newer, write_json
 from utils.train.checkpoint import find_checkpoint, load_checkpoint
 from utils.train.distill import DistillStudent, KDLoss
 from utils.train.loop import setup_training, train_loop
@@ -96,14 +105,14 @@ class TrainConfig:
         positive = ("model_max_length", "per_device_batch_size", "gradient_accumulation_steps", "max_steps", "nproc")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name, value, allowed in (("precision", self.precision, PRECISIONS), ("backend", self.backend, BACKENDS),
                                      ("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES),
                                      ("report_to", self.report_to, REPORT_TO)):
             if value not in allowed:
-                raise ValueError(f"unknown {name} {value!r}; use one of {allowed}")
+                raise UserError(f"unknown {name} {value!r}; use one of {allowed}")
         if self.backend == "none" and self.nproc > 1:
-            raise ValueError(f"nproc={self.nproc} needs backend=ddp, fsdp or deepspeed (backend=none is one process)")
+            raise UserError(f"nproc={self.nproc} needs backend=ddp, fsdp or deepspeed (backend=none is one process)")
         KDLoss(self.kd_temperature, self.kd_loss_scale, self.ce_loss_scale, self.kd_reduction, self.loss_chunk_size)
 
 
@@ -118,10 +127,10 @@ def check_inputs(cfg: TrainConfig) -> None:
     world = env_world_size()
     check_world_size(cfg.backend, world)
     if world != cfg.nproc:
-        raise ValueError(f"nproc={cfg.nproc} but this run has WORLD_SIZE={world}: launch with run_train.sh "
+        raise UserError(f"nproc={cfg.nproc} but this run has WORLD_SIZE={world}: launch with run_train.sh "
                          f"(or torchrun --nproc_per_node {cfg.nproc})")
     if cfg.backend == "deepspeed" and not Path(cfg.deepspeed_config).is_file():
-        raise FileNotFoundError(f"deepspeed_config not found: {cfg.deepspeed_config}")
+        raise InputFileError(f"deepspeed_config not found: {cfg.deepspeed_config}")
 
 
 def _dtypes(cfg: TrainConfig, rt: Runtime) -> tuple[torch.dtype, torch.dtype, bool]:
@@ -158,7 +167,7 @@ def build_data(cfg: TrainConfig, tokenizer, rt: Runtime) -> tuple[dict, dict]:
     train, val = split_blocks(blocks, cfg.data.val_fraction, cfg.data.val_max_blocks, cfg.seed)
     need = rt.world_size * cfg.per_device_batch_size
     if len(train["input_ids"]) < need:
-        raise ValueError(f"{len(train['input_ids'])} training blocks cannot fill one step of {rt.world_size} "
+        raise UserError(f"{len(train['input_ids'])} training blocks cannot fill one step of {rt.world_size} "
                          f"processes x per_device_batch_size={cfg.per_device_batch_size}")
     return train, val
 
@@ -184,6 +193,15 @@ def save_student(cfg: TrainConfig, model, tokenizer, rt: Runtime) -> Path:
         tmp.rename(out)
     barrier(rt)
     return out
+
+
+def is_trained(cfg: TrainConfig) -> bool:
+    """`output_dir` holds a student trained with exactly this config, after its data was written."""
+    out = Path(cfg.output_dir)
+    saved, student = out / "train_config.yaml", out / "student"
+    files = (student / "config.json", student / "quant_config.json", saved)
+    return (all(f.is_file() for f in files) and saved.read_text() == to_yaml(cfg)
+            and newer(out / "train_metrics.json", saved, Path(cfg.data.train)))
 
 
 def run(cfg: TrainConfig) -> dict:

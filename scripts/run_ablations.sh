@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The paper's ablations on the default model at W4A8KV8 (docs/RESULTS.md, section 2b), with the
-# same recipe and budget as the grid (150 steps x 256 tokens, lr 1e-4): QAT on self-generated data
-# (runs/w4a8kv8, the grid's 4-8-8 student, trained here if missing) vs on WikiText-2 validation text vs on
-# C4 text (data ablation), and logit KD vs plain cross-entropy on the generated data (loss
-# ablation); each student gets a table row on the eight tasks + WikiText-2 / C4 perplexity
-# (runs/table/ablations.md, .json).
-#   bash scripts/run_ablations.sh          # ~70 min on a 2-core CPU (4 trainings of 11 min + 5 table rows)
-# Real-text sets, written once under runs/ablation/ (about the size of the generated set, 35k tokens):
+# grid's recipe and budget: QAT on self-generated data (configs/qat_smollm2_w4a8kv8.yaml: runs/w4a8kv8,
+# the grid's 4-8-8 student, trained here if missing) vs on WikiText-2 validation text
+# (configs/ablations/kd_wikitext2.yaml) vs on C4 text (configs/ablations/kd_c4.yaml): the data ablation;
+# logit KD vs plain cross-entropy on the generated data (configs/ablations/ce_gen.yaml): the loss
+# ablation. Each student gets a table row with the grid's evaluation (configs/grid.yaml: eight tasks +
+# WikiText-2 / C4 perplexity) in runs/table/ablations.md, .json.
+#   bash scripts/run_ablations.sh          # wall-clock: docs/RESULTS.md section 2b
+# Real-text sets, written once under runs/ablation/ (about the size of the generated set):
 # the first 368 non-empty rows of the WikiText-2 *validation* split (the test split is evaluated)
 # and the first 106 documents under 4,000 characters of the local C4 validation subset.
 set -euo pipefail
@@ -14,8 +15,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DATA=${LLMQAT_DATA_DIR:-../shared/data}
-GEN=gen_data/all_gen.jsonl
-RECIPE=(max_steps=150 model_max_length=256 learning_rate=1e-4 warmup_steps=10 logging_steps=10 eval_steps=50)
 mkdir -p runs/ablation
 "$PY" - "$DATA" <<'EOF'
 import sys
@@ -33,15 +32,13 @@ for name, rows in (("wikitext2_val", wiki), ("c4_short", c4)):
         atomic_write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in rows))
     print(f"{path}: {len(rows)} rows, {sum(map(len, rows))} characters")
 EOF
-train() {  # train RUN DATA [key=value ...]
-  local run=$1 data=$2
-  shift 2
-  [ -f "$run/student/quant_config.json" ] || sh run_train.sh 4 8 8 data.train="$data" output_dir="$run" "${RECIPE[@]}" "$@"
+train() {  # train RUN CONFIG: the student RUN/student from configs/CONFIG.yaml, unless it exists
+  [ -f "$1/student/quant_config.json" ] || sh run_train.sh 4 8 8 config="configs/$2.yaml"
 }
-train runs/w4a8kv8 $GEN  # the grid's 4-8-8 student (scripts/run_grid.sh trains the same one)
-train runs/kd_wikitext2 runs/ablation/wikitext2_val.jsonl
-train runs/kd_c4 runs/ablation/c4_short.jsonl
-train runs/ce_gen $GEN kd_loss_scale=0 ce_loss_scale=1
-sh run_table.sh limit=50 ppl_limit=4 "data_dir=$DATA" settings=[4-8-8] methods=[fp,rtn] \
+train runs/w4a8kv8 qat_smollm2_w4a8kv8  # the grid's 4-8-8 student (scripts/run_grid.sh trains the same one)
+train runs/kd_wikitext2 ablations/kd_wikitext2
+train runs/kd_c4 ablations/kd_c4
+train runs/ce_gen ablations/ce_gen
+sh run_table.sh config=configs/grid.yaml "eval.data_dir=$DATA" settings=[4-8-8] methods=[fp,rtn] \
   qat=[runs/w4a8kv8/student,runs/kd_wikitext2/student,runs/kd_c4/student,runs/ce_gen/student] \
   output=runs/table/ablations.md

@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
 # The LLM-QAT README grid on the default model (docs/RESULTS.md, section 2): for each W-A-KV setting
-# a QAT student (150 steps x 256 tokens of the self-generated set, the recipe of RESULTS section 1)
-# and the RTN / SmoothQuant (A < 16) / GPTQ / QAT rows on the eight zero-shot tasks (first 50
-# examples each) + WikiText-2 and C4 perplexity (first 4 windows x 2048), then the whole table
-# (runs/table/table.md, .json), the recovered-% chart (runs/table/recovered.png) and the held-out KD
-# loss of every setting (runs/table/training_curves.png).
-#   bash scripts/run_grid.sh                    # all eight settings: ~20 min each on a 2-core CPU
+# a QAT student (configs/qat_smollm2_w4a8kv8.yaml with output_dir=runs/w<W>a<A>kv<KV>) and the RTN /
+# SmoothQuant (A < 16) / GPTQ / QAT rows of configs/grid.yaml (eight zero-shot tasks + WikiText-2 and C4
+# perplexity), then the whole table (runs/table/table.md, .json), the recovered-% chart
+# (runs/table/recovered.png) and the held-out KD loss of every setting (runs/table/training_curves.png).
+#   bash scripts/run_grid.sh                    # all eight settings (wall-clock: docs/RESULTS.md section 2)
 #   bash scripts/run_grid.sh 4-8-4 4-16-16      # some settings (the table holds every cached row)
-#   GRID_METHODS=rtn bash scripts/run_grid.sh    # QAT + RTN rows first (~14 min a setting), baselines later
+#   GRID_METHODS=rtn bash scripts/run_grid.sh    # QAT + RTN rows first, the SmoothQuant / GPTQ baselines later
 # Idempotent: a setting whose student exists is not retrained; table rows are cached in runs/table.
-# Needs gen_data/all_gen.jsonl (sh run_generate.sh 2 n_vocab=40 max_length=256 batch_size=64, then
+# Needs gen_data/all_gen.jsonl (sh run_generate.sh 2 config=configs/gen_smollm2.yaml, then
 # python merge_gen_data.py) and the evaluation data (LLMQAT_DATA_DIR, default ../shared/data).
-# Calibration: SmoothQuant on 32 x 512 self-generated tokens (data-free); GPTQ on 64 x 512 WikiText-2
-# validation tokens with dampening 0.1 (the generated set is too small for GPTQ's Hessians: README).
+# Calibration: SmoothQuant on the self-generated set (configs/grid.yaml, data-free); GPTQ on WikiText-2
+# validation tokens with dampening 0.1, set below (the generated set is too small for GPTQ: docs/evaluation.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ALL="4-8-4 4-8-8 4-6-16 4-8-16 4-16-16 8-8-4 8-8-8 8-8-16"
@@ -20,9 +19,9 @@ SETTINGS=${*:-$ALL}
 DATA=${LLMQAT_DATA_DIR:-../shared/data}
 GEN=gen_data/all_gen.jsonl
 METHODS=${GRID_METHODS:-rtn smoothquant gptq}  # GRID_METHODS=rtn: RTN + QAT rows only (the baselines later)
-TABLE=(limit=50 ppl_limit=4 "data_dir=$DATA")
+TABLE=(config=configs/grid.yaml "eval.data_dir=$DATA")
 if [ ! -f "$GEN" ]; then
-  echo "missing $GEN: sh run_generate.sh 2 n_vocab=40 max_length=256 batch_size=64 && python merge_gen_data.py" >&2
+  echo "missing $GEN: sh run_generate.sh 2 config=configs/gen_smollm2.yaml && python merge_gen_data.py" >&2
   exit 1
 fi
 students=()
@@ -31,18 +30,16 @@ for s in $SETTINGS; do
   run="runs/w${w}a${a}kv${kv}"
   if [ ! -f "$run/student/quant_config.json" ]; then
     echo "== QAT $s -> $run"
-    sh run_train.sh "$w" "$a" "$kv" data.train=$GEN output_dir="$run" max_steps=150 model_max_length=256 \
-      learning_rate=1e-4 warmup_steps=10 logging_steps=10 eval_steps=50
+    sh run_train.sh "$w" "$a" "$kv" config=configs/qat_smollm2_w4a8kv8.yaml output_dir="$run"
   fi
   students+=("$run/student")
   echo "== table rows $s"
   first=fp,rtn
   case " $METHODS " in *" smoothquant "*) first=$first,smoothquant ;; esac
-  sh run_table.sh "${TABLE[@]}" settings="[$s]" methods="[$first]" calib=$GEN calib_samples=32 \
-    qat="[$run/student]" output=runs/table/last.md
+  sh run_table.sh "${TABLE[@]}" settings="[$s]" methods="[$first]" qat="[$run/student]" output=runs/table/last.md
   case " $METHODS " in *" gptq "*)
-    sh run_table.sh "${TABLE[@]}" settings="[$s]" methods=[gptq] calib=wikitext2 calib_samples=64 \
-      gptq_percdamp=0.1 output=runs/table/last.md ;;
+    sh run_table.sh "${TABLE[@]}" settings="[$s]" methods=[gptq] ptq.calib=wikitext2 \
+      ptq.calib_samples=64 ptq.gptq_percdamp=0.1 output=runs/table/last.md ;;
   esac
 done
 # The whole table from the cache: every setting whose rows exist (nothing is re-evaluated).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtualenv in .venv and install everything into it.
-#   bash scripts/setup_env.sh            # idempotent; ~2 min the first time
+#   bash scripts/setup_env.sh            # idempotent
 # torch is installed first and alone, pinned to the CPU wheel (torch==2.13.0), so no other package
 # can pull a multi-GB CUDA build. On a GPU machine install your CUDA torch first, then run this.
 set -euo pipefail

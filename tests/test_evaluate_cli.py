@@ -12,8 +12,8 @@ import pytest
 import evaluate
 from models import load_model, quantize_model, save_model
 from quant.config import QuantConfig
-from utils.config import ConfigError, load_config
 from recipes.evaluate import EvalConfig
+from utils.config import ConfigError, load_config
 
 
 def run_cli(args) -> dict:
@@ -31,7 +31,8 @@ def test_cli_writes_results_json_and_table(tiny_model_dir, data_dir, tmp_path):
     assert res["wikitext2"]["ppl"] > 1 and res["wikitext2"]["windows"] == 2 and res["c4"]["windows"] == 2
     assert {"acc", "acc_norm"} <= set(res["piqa"]) and "acc_norm" not in res["winogrande"]
     assert res["piqa"]["n"] == 2 and 0 <= res["piqa"]["acc"] <= 1
-    assert "| piqa | acc_norm |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| W4A8KV8 | 4-8-8 |" in table and "PIQA" in table and "Wiki2 ppl" in table and "piqa 2" in table
 
 
 def test_student_folder_uses_its_saved_quant_config(tiny_model_dir, data_dir, tmp_path, monkeypatch):
@@ -63,7 +64,8 @@ def test_missing_data_file_names_what_was_looked_for(tiny_model_dir, tmp_path, c
 
 def test_table_builds_rows_caches_them_and_reports_recovery(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     import recipes.evaluate
-    from recipes.table import TableConfig, run as run_table
+    from recipes.table import TableConfig
+    from recipes.table import run as run_table
 
     model, tok = load_model(tiny_model_dir)
     quantize_model(model, QuantConfig(w_bits=4, a_bits=8, kv_bits=8))
@@ -71,9 +73,9 @@ def test_table_builds_rows_caches_them_and_reports_recovery(tiny_model_dir, data
     calib = tmp_path / "gen.jsonl"
     calib.write_text("\n".join(json.dumps({"text": f"calibration text number {i}"}) for i in range(30)) + "\n")
     cfg = load_config(TableConfig, [f"model={tiny_model_dir}", "settings=[4-8-8]", "methods=[fp,rtn,gptq]",
-                                    f"qat=[{qat}]", "tasks=[wikitext2,piqa,boolq]", "limit=2", "seqlen=32",
-                                    f"calib={calib}", "calib_samples=2", "calib_seqlen=16",
-                                    f"data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}",
+                                    f"qat=[{qat}]", "eval.tasks=[wikitext2,piqa,boolq]", "eval.limit=2",
+                                    "eval.seqlen=32", f"ptq.calib={calib}", "ptq.calib_samples=2",
+                                    "ptq.calib_seqlen=16", f"eval.data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}",
                                     f"output={tmp_path / 'table.md'}"])
     rows = run_table(cfg)
     assert [r["method"] for r in rows] == ["FP", "RTN", "GPTQ", "QAT (qat-student)"]
@@ -87,21 +89,20 @@ def test_table_builds_rows_caches_them_and_reports_recovery(tiny_model_dir, data
 def test_frozen_weight_quantizers_give_identical_logits(tiny_model_dir):
     import torch
 
-    from recipes.evaluate import freeze_weight_quantizers
+    from models.convert import fold_weights
 
     model, _ = load_model(tiny_model_dir)
     quantize_model(model, QuantConfig(w_bits=4, a_bits=8, kv_bits=8, w_symmetric=False))
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids).logits
-        assert freeze_weight_quantizers(model) == 14
+        assert fold_weights(model) == 14
         assert torch.equal(model(ids).logits, before)
 
 
 def test_table_rows_per_setting_with_distinct_students_and_no_smoothquant_at_a16(tmp_path, monkeypatch):
     """QAT rows follow their setting's PTQ rows; two `<run>/student` folders at one setting are two
     rows (and two cache entries); SmoothQuant has no row where activations are not quantized."""
-    import models
     import recipes.table as tables
 
     saved = {"runs/a/student": QuantConfig(w_bits=4, a_bits=16, kv_bits=16),
@@ -117,11 +118,11 @@ def test_table_rows_per_setting_with_distinct_students_and_no_smoothquant_at_a16
         evaluated.append(row)
         return {"results": {"wikitext2": {"ppl": ppl[row]}}}
 
-    monkeypatch.setattr(tables, "cached_results", fake_results)
+    monkeypatch.setattr(tables, "row_results", fake_results)
     monkeypatch.setattr(tables, "ptq_student", lambda cfg, method, qcfg: f"students/{method}")
-    monkeypatch.setattr(models, "read_quant_config", lambda folder: saved[folder])
+    monkeypatch.setattr(tables, "read_quant_config", lambda folder: saved[folder])
     cfg = load_config(tables.TableConfig, ["settings=[4-16-16,8-8-8]", "methods=[fp,rtn,smoothquant,gptq]",
-                                           f"qat=[{','.join(saved)}]", "tasks=[wikitext2]",
+                                           f"qat=[{','.join(saved)}]", "eval.tasks=[wikitext2]",
                                            f"output={tmp_path / 'table.md'}"])
     rows = tables.run(cfg)
     assert [(r["method"], r["setting"]) for r in rows] == [
@@ -163,17 +164,22 @@ def test_training_curves_plot_one_line_per_run(tmp_path):
         save_training_curves({"no-eval": runs["no-eval"]}, tmp_path / "none.png", "x")
 
 
-def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tmp_path, monkeypatch):
+def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """Rows are found by their key (evaluation settings + model fingerprint), not by their file name:
+    a result file written under another key is left out, not reported."""
+    from dataclasses import replace
+
     import recipes.evaluate
     import recipes.table as tables
 
-    cfg = load_config(tables.TableConfig, ["settings=[4-8-8,8-8-8]", "methods=[fp,rtn,gptq]", "tasks=[wikitext2]",
-                                           "only_cached=true", f"cache_dir={tmp_path}",
+    cfg = load_config(tables.TableConfig, [f"model={tiny_model_dir}", "settings=[4-8-8,8-8-8]", "methods=[fp,rtn,gptq]",
+                                           "eval.tasks=[wikitext2]", "only_cached=true", f"cache_dir={tmp_path}",
                                            f"output={tmp_path / 'table.md'}"])
-    keys = {"limit": cfg.limit, "ppl_limit": cfg.ppl_limit, "seqlen": cfg.seqlen, "c4_windows": cfg.c4_windows}
     (tmp_path / "results").mkdir()
-    for row, ppl in (("fp", 20.0), ("rtn-W4A8KV8", 60.0)):
-        (tmp_path / "results" / f"{row}.json").write_text(json.dumps({"config": keys,
+    for row, ppl, quant in (("fp", 20.0, QuantConfig()), ("rtn-W4A8KV8", 60.0, QuantConfig(w_bits=4, a_bits=8, kv_bits=8)),
+                            ("rtn-W8A8KV8", 30.0, QuantConfig(w_bits=4, a_bits=8, kv_bits=8))):  # wrong key
+        key = recipes.evaluate.cache_key(replace(cfg.eval, model=tiny_model_dir, quant=quant))
+        (tmp_path / "results" / f"{row}.json").write_text(json.dumps({"provenance": {"config_hash": key},
                                                                       "results": {"wikitext2": {"ppl": ppl}}}))
     monkeypatch.setattr(recipes.evaluate, "run", lambda cfg: pytest.fail("only_cached must not evaluate"))
     monkeypatch.setattr(tables, "ptq_student", lambda *a: pytest.fail("only_cached must not build students"))
@@ -183,7 +189,7 @@ def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tmp_path, m
 
 
 def test_no_recovered_share_where_rtn_lost_nothing():
-    from recipes.table import add_recovered
+    from utils.eval.report import add_recovered
 
     rows = [{"method": "FP", "setting": "16-16-16", "avg": 41.8, "wikitext2": 24.0},
             {"method": "RTN", "setting": "4-8-4", "avg": 42.8, "wikitext2": 106.0},  # noise: above FP

@@ -16,11 +16,11 @@ import torch
 
 import export
 from models import load_model, quantize_model, save_model
+from models.convert import load_packed
 from quant.config import QuantConfig
-from quant.packed import load_packed
+from recipes.export import ExportConfig
 from tests.conftest import ROOT, TINY_VOCAB, make_tiny_llama
 from utils.config import ConfigError, load_config
-from recipes.export import ExportConfig
 
 
 def make_student(tiny_model_dir, out, **quant):

@@ -18,8 +18,8 @@ import torch
 
 import generate_data
 import merge_gen_data
-from utils.config import load_config
 from recipes.generate import GenerateConfig, run
+from utils.config import load_config
 from utils.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

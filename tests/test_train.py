@@ -16,12 +16,12 @@ import torch
 
 from models import load_model
 from recipes import train as trainer
-from utils.train.checkpoint import complete_checkpoints, find_checkpoint
-from utils.config import ConfigError, load_config
-from utils.train.distill import DistillStudent, KDLoss
-from utils.distributed import Runtime
 from recipes.train import TrainConfig, build_models, run
+from utils.config import ConfigError, load_config
+from utils.distributed import Runtime
 from utils.train import loop
+from utils.train.checkpoint import complete_checkpoints, find_checkpoint
+from utils.train.distill import DistillStudent, KDLoss
 from utils.train.loop import setup_training, train_step
 
 ROOT = Path(__file__).resolve().parent.parent

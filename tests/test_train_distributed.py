@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from models import load_model
+from recipes.train import TrainConfig, run
 from tests.test_train import write_text_jsonl
 from utils.config import load_config
-from recipes.train import TrainConfig, run
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["max_steps=3", "model_max_length=32", "learning_rate=1e-3", "logging_steps=1", "loss_chunk_size=24"]

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from quant.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("none", "ddp", "fsdp", "deepspeed")
@@ -46,14 +48,14 @@ def env_world_size() -> int:
 def check_world_size(backend: str, world_size: int) -> None:
     """Raise ValueError if `backend` cannot run with `world_size` processes."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+        raise UserError(f"unknown backend {backend!r}; use one of {BACKENDS}")
     if world_size < 1:
-        raise ValueError(f"nproc / WORLD_SIZE must be >= 1, got {world_size}")
+        raise UserError(f"nproc / WORLD_SIZE must be >= 1, got {world_size}")
     if backend == "none" and world_size > 1:
-        raise ValueError(f"backend=none runs one process, but WORLD_SIZE={world_size}: use backend=ddp, fsdp "
+        raise UserError(f"backend=none runs one process, but WORLD_SIZE={world_size}: use backend=ddp, fsdp "
                          f"or deepspeed")
     if torch.cuda.is_available() and world_size > torch.cuda.device_count() * _nodes():
-        raise ValueError(f"{world_size} processes but only {torch.cuda.device_count()} GPUs on this node")
+        raise UserError(f"{world_size} processes but only {torch.cuda.device_count()} GPUs on this node")
 
 
 def _nodes() -> int:
@@ -113,7 +115,7 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a HF causal LM (Llama-style `model.layers`)."""
     layers = getattr(lm.get_decoder(), "layers", None)
     if layers is None:
-        raise ValueError(f"cannot find decoder layers in {type(lm).__name__} to shard")
+        raise UserError(f"cannot find decoder layers in {type(lm).__name__} to shard")
     return list(layers)
 
 

@@ -9,10 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
 
+from quant.errors import InputFileError, UserError
+
 PathLike = Union[str, os.PathLike]
 
 
-class JsonlError(ValueError):
+class JsonlError(UserError):
     """A malformed JSONL line; the message names the file and the 1-based line number."""
 
 
@@ -25,7 +27,7 @@ def iter_jsonl(path: PathLike, skip_bad: bool = False) -> Iterator[tuple[int, di
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
+        raise InputFileError(f"file not found: {path}")
     with path.open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -71,3 +73,10 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 def write_json(path: PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def newer(path: PathLike, *deps: PathLike) -> bool:
+    """`path` exists and was written no earlier than every existing dependency."""
+    path = Path(path)
+    return path.is_file() and all(path.stat().st_mtime_ns >= Path(d).stat().st_mtime_ns
+                                  for d in deps if Path(d).exists())

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
+from quant.errors import UserError
+
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 
 
@@ -58,7 +60,7 @@ def save_results_plot(rows: list, acc_keys: Sequence[str], path, title: str,
     acc_keys = [k for k in acc_keys if any(k in r for r in rows)]
     has_ppl = any(ppl_key in r for r in rows)
     if not acc_keys and not has_ppl:
-        raise ValueError("nothing to plot: no row has an accuracy or perplexity")
+        raise UserError("nothing to plot: no row has an accuracy or perplexity")
     panels = [p for p, used in (("acc", acc_keys), ("ppl", has_ppl)) if used]
     widths = [max(len(acc_keys), 2) if p == "acc" else 1.2 for p in panels]
     fig = _figure((2.2 + 1.3 * sum(widths), 4.2))
@@ -82,7 +84,7 @@ def save_recovered_plot(rows: list, path, title: str, key: str = "recovered_ppl"
     """
     kept = [r for r in rows if key in r]
     if not kept:
-        raise ValueError(f"nothing to plot: no row has {key!r}")
+        raise UserError(f"nothing to plot: no row has {key!r}")
     settings = list(dict.fromkeys(r["setting"] for r in kept))
     values = {(r["method"].split(" (")[0], r["setting"]): r[key] for r in kept}  # "QAT (w4a8kv8)" -> QAT
     methods = list(dict.fromkeys(m for m, _ in values))
@@ -111,7 +113,7 @@ def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> 
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_kd_loss"]) for r in rows if "val_kd_loss" in r]
     if not train and not val:
-        raise ValueError(f"{metrics_jsonl}: no 'loss' or 'val_kd_loss' records to plot")
+        raise UserError(f"{metrics_jsonl}: no 'loss' or 'val_kd_loss' records to plot")
     fig = _figure((6, 3.6))
     ax = fig.subplots()
     for points, label, style in ((train, "train loss", "-"), (val, "held-out KD loss", "o--")):
@@ -143,7 +145,7 @@ def save_training_curves(runs: dict, path, title: str, key: str = "val_kd_loss")
             ax.plot([s for s, _ in points], [v for _, v in points], "o-", label=label, color=COLORS[i % len(COLORS)])
             drawn += 1
     if not drawn:
-        raise ValueError(f"no run has {key!r} records: {list(runs.values())}")
+        raise UserError(f"no run has {key!r} records: {list(runs.values())}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(key.replace("_", " "))
     ax.grid(alpha=0.3)

@@ -147,15 +147,15 @@ def test_gptq_generalizes_to_held_out_inputs_given_enough_calibration_tokens():
 
 
 def test_too_little_calibration_data_for_gptq_is_a_warning(tiny_model_dir, tmp_path, caplog):
-    from recipes.ptq import PTQConfig, calibration_ids
+    from utils.data.calibration import calibration_windows
 
     _, tok = load_model(tiny_model_dir)
-    cfg = PTQConfig(method="gptq", calib=write_calib(tmp_path / "gen.jsonl"), calib_samples=4, calib_seqlen=32)
+    calib = write_calib(tmp_path / "gen.jsonl")
     with caplog.at_level("WARNING"):
-        ids = calibration_ids(cfg, tok, min_tokens=10_000)
+        ids = calibration_windows(calib, tok, samples=4, seqlen=32, seed=0, min_tokens=10_000)
     assert ids.shape == (4, 32)
     assert "GPTQ's Hessians" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        calibration_ids(cfg, tok, min_tokens=64)
+        calibration_windows(calib, tok, samples=4, seqlen=32, seed=0, min_tokens=64)
     assert "GPTQ's Hessians" not in caplog.text

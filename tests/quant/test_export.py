@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from models import quantize_model
+from models.convert import load_packed, save_packed
 from quant.config import QuantConfig
 from quant.fake_quant import quantize_dequantize
-from quant.packed import PACKED_FILE, load_packed, pack_codes, pack_weight, save_packed, unpack_codes, unpack_weight
+from quant.packed import PACKED_FILE, pack_codes, pack_weight, unpack_codes, unpack_weight
 from tests.conftest import TINY_VOCAB, make_byte_tokenizer, make_tiny_llama
 
 CONFIGS = {

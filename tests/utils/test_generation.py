@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from tests.conftest import make_byte_tokenizer, make_tiny_llama
-from utils.data.shards import check_meta, done_keys, repair_shard
 from recipes.generate import shard_jobs, skipped_ids
+from tests.conftest import make_byte_tokenizer, make_tiny_llama
 from utils.data.generation import Sampling, generate_sequences, sample_next
+from utils.data.shards import check_meta, done_keys, repair_shard
 from utils.io import JsonlError
 
 VOCAB = 272

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from utils.data.shards import write_meta
-from utils.io import JsonlError, read_jsonl
 from recipes.merge import MergeConfig, merge
 from utils.data.merge import find_shards, format_summary, summary
+from utils.data.shards import write_meta
+from utils.io import JsonlError, read_jsonl
 
 
 def _record(start, greedy_len=3, n=5):

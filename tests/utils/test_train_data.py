@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import make_byte_tokenizer
+from utils.data.blocks import DataConfig, batch_indices, load_blocks, pack_rows, pad_rows, read_token_rows, split_blocks
 from utils.io import JsonlError
-from utils.data.blocks import (DataConfig, batch_indices, load_blocks, pack_rows, pad_rows, read_token_rows,
-                              split_blocks)
 
 
 @pytest.fixture(scope="module")

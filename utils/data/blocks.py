@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from quant.errors import InputFileError, UserError
 from utils.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -51,9 +52,9 @@ def check_data_file(path: str) -> Path:
     """Raise FileNotFoundError / ValueError for a missing or empty data file."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"training data not found: {path} (set data.train=...)")
+        raise InputFileError(f"training data not found: {path} (set data.train=...)")
     if file.stat().st_size == 0:
-        raise ValueError(f"training data file is empty: {path}")
+        raise UserError(f"training data file is empty: {path}")
     return file
 
 
@@ -61,11 +62,11 @@ def _row_ids(path: Path, lineno: int, row: dict, vocab_size: int) -> Optional[li
     if "token_ids" in row:
         ids = row["token_ids"]
         if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
-            raise ValueError(f"{path}:{lineno}: token_ids must be a list of ints in [0, {vocab_size})")
+            raise UserError(f"{path}:{lineno}: token_ids must be a list of ints in [0, {vocab_size})")
         return ids
     if isinstance(row.get("text"), str):
         return None  # tokenized in one batch later
-    raise ValueError(f"{path}:{lineno}: row has neither a 'text' string nor 'token_ids'")
+    raise UserError(f"{path}:{lineno}: row has neither a 'text' string nor 'token_ids'")
 
 
 def read_token_rows(path: str, tokenizer) -> list[list[int]]:
@@ -87,7 +88,7 @@ def read_token_rows(path: str, tokenizer) -> list[list[int]]:
             rows[i] = ids
     rows = [r for r in rows if r]
     if not rows:
-        raise ValueError(f"{path}: no non-empty rows to train on")
+        raise UserError(f"{path}: no non-empty rows to train on")
     return rows
 
 
@@ -98,7 +99,7 @@ def pack_rows(rows: list[list[int]], length: int, eos_id: int) -> dict:
         stream.extend(ids if ids[-1] == eos_id else ids + [eos_id])
     n = len(stream) // length
     if n == 0:
-        raise ValueError(f"the data holds {len(stream)} tokens, fewer than one block of model_max_length={length}")
+        raise UserError(f"the data holds {len(stream)} tokens, fewer than one block of model_max_length={length}")
     ids = torch.tensor(stream[: n * length], dtype=torch.long).view(n, length)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -164,11 +165,11 @@ def split_blocks(blocks: dict, val_fraction: float, val_max_blocks: int, seed: i
         ValueError: a fraction outside [0, 1) or too few blocks to hold any out.
     """
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     n = len(blocks["input_ids"])
     n_val = 0 if val_fraction == 0 else min(max(1, round(n * val_fraction)), val_max_blocks)
     if n - n_val < 1:
-        raise ValueError(f"only {n} blocks: too few to hold out {n_val} for validation")
+        raise UserError(f"only {n} blocks: too few to hold out {n_val} for validation")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     take = lambda idx: {k: v[idx] for k, v in blocks.items()}  # noqa: E731
     return take(order[n_val:]), take(order[:n_val])

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from quant.errors import InputFileError
 from utils.data.shards import SHARD_GLOB, read_meta
 from utils.io import JsonlError, atomic_open, write_json
 from utils.logging import progress_disabled
@@ -58,10 +59,10 @@ def find_shards(in_dir) -> list[Path]:
     """
     folder = Path(in_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"in_dir={in_dir}: no such directory")
+        raise InputFileError(f"in_dir={in_dir}: no such directory")
     shards = [p for p in folder.glob(SHARD_GLOB) if _SHARD_INDEX.search(p.name)]
     if not shards:
-        raise FileNotFoundError(f"no shard files ({SHARD_GLOB}) in {folder}")
+        raise InputFileError(f"no shard files ({SHARD_GLOB}) in {folder}")
     return sorted(shards, key=lambda p: int(_SHARD_INDEX.search(p.name).group(1)))
 
 

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Iterable, Optional
 
+from quant.errors import UserError
 from utils.io import JsonlError, PathLike, iter_jsonl, read_jsonl, write_json
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def check_meta(shard_file: PathLike, settings: dict, has_records: bool, **extra)
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-            raise ValueError(f"{shard_file} holds records made with other settings ({changes}); "
+            raise UserError(f"{shard_file} holds records made with other settings ({changes}); "
                              f"use another out_dir or delete the shard")
     write_meta(shard_file, settings, **extra)
 

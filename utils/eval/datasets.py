@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from quant.errors import InputFileError
 from utils.io import read_jsonl
 
 DATA_DIR_ENV = "LLMQAT_DATA_DIR"
@@ -28,14 +29,14 @@ def resolve_data_dir(data_dir: Optional[str]) -> Optional[Path]:
     path = Path(value).expanduser()
     if not path.is_dir():
         source = "data_dir" if data_dir else DATA_DIR_ENV
-        raise FileNotFoundError(f"{source}={value}: no such data directory")
+        raise InputFileError(f"{source}={value}: no such data directory")
     return path
 
 
 def local_file(data_dir: Path, relative: str) -> Path:
     path = data_dir / relative
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation data file not found: looked for {path} (data_dir={data_dir})")
+        raise InputFileError(f"evaluation data file not found: looked for {path} (data_dir={data_dir})")
     return path
 
 

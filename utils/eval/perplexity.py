@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from quant.errors import UserError
 from utils.logging import progress_disabled
 
 
@@ -34,7 +35,7 @@ def make_windows(ids: torch.Tensor, seqlen: int, limit: Optional[int] = None) ->
     if limit is not None:
         n = min(n, limit)
     if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+        raise UserError(f"text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
     return ids[: n * seqlen].view(n, seqlen)
 
 
@@ -61,7 +62,7 @@ def c4_windows(tokenizer, documents: Sequence[str], seqlen: int = 2048, n_window
     """
     encoded = tokenizer(list(documents)).input_ids  # the same ids as tokenize_stream, all at once
     if not any(len(ids) > seqlen for ids in encoded):
-        raise ValueError(f"no C4 document has more than seqlen={seqlen} tokens; use a smaller seqlen")
+        raise UserError(f"no C4 document has more than seqlen={seqlen} tokens; use a smaller seqlen")
     rng, windows = random.Random(seed), []
     for _ in range(n_windows if limit is None else min(limit, n_windows)):
         while True:

@@ -28,7 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from utils.eval.datasets import local_file, resolve_data_dir
+from quant.errors import UserError
+from utils.eval.datasets import c4_texts, local_file, resolve_data_dir, wikitext2_rows
 from utils.io import read_jsonl
 
 DELIMITER = " "
@@ -131,6 +132,8 @@ TASKS = {
     "openbookqa": TaskSpec("openbookqa/test.jsonl", ("allenai/openbookqa", "main", "test"), openbookqa_doc, True),
 }
 ZERO_SHOT_TASKS = tuple(TASKS)
+PPL_TASKS = ("wikitext2", "c4")
+ALL_TASKS = PPL_TASKS + ZERO_SHOT_TASKS
 
 
 def task_rows(name: str, data_dir: Optional[str] = None, limit: Optional[int] = None) -> list[dict]:
@@ -154,5 +157,21 @@ def load_task(name: str, data_dir: Optional[str] = None, limit: Optional[int] = 
         KeyError: unknown task name. FileNotFoundError: the local file is missing.
     """
     if name not in TASKS:
-        raise ValueError(f"unknown zero-shot task {name!r}; choose from {', '.join(TASKS)}")
+        raise UserError(f"unknown zero-shot task {name!r}; choose from {', '.join(TASKS)}")
     return [TASKS[name].to_doc(row) for row in task_rows(name, data_dir, limit)]
+
+
+def data_errors(tasks, data_dir: Optional[str]) -> dict[str, str]:
+    """Task -> why its evaluation data cannot be read (FileNotFoundError, offline hub, ...)."""
+    errors = {}
+    for task in tasks:
+        try:
+            if task == "wikitext2":
+                wikitext2_rows("test", data_dir)
+            elif task == "c4":
+                c4_texts(data_dir)
+            else:
+                task_rows(task, data_dir, 1)
+        except OSError as err:  # FileNotFoundError (local), ConnectionError (offline hub)
+            errors[task] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return errors

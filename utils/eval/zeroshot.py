@@ -25,8 +25,9 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from utils.logging import progress_disabled
+from quant.errors import UserError
 from utils.eval.tasks import MCDoc
+from utils.logging import progress_disabled
 
 Pair = tuple[list, list]  # (context token ids, continuation token ids)
 
@@ -148,7 +149,7 @@ def evaluate_docs(model, tokenizer, docs: Sequence[MCDoc], acc_norm: bool = True
         scores_out: if a list, the per-choice log-likelihoods of each doc are appended to it.
     """
     if not docs:
-        raise ValueError("no examples to evaluate")
+        raise UserError("no examples to evaluate")
     exact_single = _per_tensor_activations(model)
     was_training, pad_id = model.training, _pad_id(tokenizer)
     model.eval()

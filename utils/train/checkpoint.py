@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from quant.errors import InputFileError, UserError
 from utils.distributed import Runtime, barrier
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def find_checkpoint(out_dir, resume: str) -> Optional[Path]:
         return done[-1] if done else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no {STATE_FILE})")
+        raise InputFileError(f"resume={resume}: not a complete checkpoint (no {STATE_FILE})")
     return path
 
 
@@ -129,7 +130,7 @@ def load_checkpoint(path, model, optimizer, scheduler, rt: Runtime) -> int:
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
     if state["world_size"] != rt.world_size:
-        raise ValueError(f"{path} was written by {state['world_size']} processes, this run has {rt.world_size}")
+        raise UserError(f"{path} was written by {state['world_size']} processes, this run has {rt.world_size}")
     _load_model_optim(path / "model_optim", model, optimizer, rt)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(torch.load(path / f"rng-rank{rt.rank}.pt", weights_only=False))

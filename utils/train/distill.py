@@ -29,6 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from quant.errors import UserError
+
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "batchmean_sequence")
 
@@ -78,13 +80,13 @@ class KDLoss(nn.Module):
                  reduction: str = "mean", chunk_size: int = 1024):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise UserError(f"temperature must be > 0, got {temperature}")
         if kd_loss_scale < 0 or ce_loss_scale < 0 or kd_loss_scale + ce_loss_scale == 0:
-            raise ValueError(f"loss scales must be >= 0 and not both 0, got kd={kd_loss_scale} ce={ce_loss_scale}")
+            raise UserError(f"loss scales must be >= 0 and not both 0, got kd={kd_loss_scale} ce={ce_loss_scale}")
         if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown kd reduction {reduction!r}; use one of {REDUCTIONS}")
+            raise UserError(f"unknown kd reduction {reduction!r}; use one of {REDUCTIONS}")
         if chunk_size < 0:
-            raise ValueError(f"chunk_size must be >= 0, got {chunk_size}")
+            raise UserError(f"chunk_size must be >= 0, got {chunk_size}")
         self.temperature, self.reduction, self.chunk_size = temperature, reduction, chunk_size
         self.kd_loss_scale, self.ce_loss_scale = kd_loss_scale, ce_loss_scale
 

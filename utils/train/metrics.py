@@ -16,6 +16,8 @@ import logging
 import os
 from pathlib import Path
 
+from quant.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -59,11 +61,17 @@ class TensorBoardLogger(NullLogger):
 
 
 class WandbLogger(NullLogger):
+    """A wandb run under `out_dir/wandb/`; quiet, and it leaves stdout alone (console capture off)."""
+
     def __init__(self, out_dir, config: dict):
         import wandb
 
-        os.environ.setdefault("WANDB_MODE", "offline")
-        self._run = wandb.init(project="llm-qat", dir=str(out_dir), config=config, name=Path(out_dir).name)
+        # An explicit mode beats a stray `wandb online` settings file; only WANDB_MODE opts into the network.
+        mode = os.environ.get("WANDB_MODE", "offline")
+        settings = wandb.Settings(silent=True, console="off")
+        self._run = wandb.init(project="llm-qat", dir=str(out_dir), config=config, name=Path(out_dir).name,
+                               mode=mode, settings=settings)
+        logger.info("wandb run (%s) in %s", mode, self._run.settings.sync_dir)
 
     def log(self, metrics: dict, step: int) -> None:
         self._run.log(metrics, step=step)
@@ -88,7 +96,7 @@ class MultiLogger(NullLogger):
 def make_metrics_logger(report_to: str, out_dir, config: dict) -> NullLogger:
     """JSONL in `out_dir/metrics.jsonl` plus the `report_to` sink (null if its package is missing)."""
     if report_to not in REPORT_TO:
-        raise ValueError(f"unknown report_to {report_to!r}; use one of {REPORT_TO}")
+        raise UserError(f"unknown report_to {report_to!r}; use one of {REPORT_TO}")
     sinks = [JsonlLogger(Path(out_dir) / "metrics.jsonl")]
     try:
         if report_to == "tensorboard":

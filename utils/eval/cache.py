@@ -1,0 +1,32 @@
+"""The one evaluation-result cache: a results JSON is reused, task by task, only under the same key.
+
+    key = config_hash({"eval": settings_that_change_numbers, "model": model_fingerprint(model)})
+    done = cached_results(path, key)      # task -> metrics written under this key, else {}
+
+evaluate.py writes `provenance.config_hash` into every results JSON it saves (after each task), and
+reads back only the tasks saved under the same hash: a changed model (its weights' fingerprint),
+quant config, limit, sequence length, data directory, ... is a different key and evaluates again.
+The main job and run_table.sh go through evaluate.py, so this is the only place the rule lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+
+def config_hash(fields: dict) -> str:
+    """A short, stable hash of a JSON-able dict (key order does not matter)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_payload(path) -> dict:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def cached_results(path, key: str) -> dict:
+    """task -> metrics from the results JSON at `path` if it was written under `key`, else {}."""
+    payload = read_payload(path)
+    return dict(payload.get("results", {})) if payload.get("provenance", {}).get("config_hash") == key else {}
