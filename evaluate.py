@@ -4,7 +4,7 @@
         w_bits=4 a_bits=8 kv_bits=8 data_dir=../shared/data output=runs/eval/w4a8kv8.json
     python evaluate.py model=runs/w4a8kv8/student     # a saved student: its quant config is used
 
-All settings: recipes/evaluate.py `EvalConfig` (defaults), configs/eval.yaml (values), `key=value`.
+All settings: recipes/evaluate.py `EvalConfig` (defaults); `config=configs/<experiment>.yaml` and `key=value` override them.
 Without data_dir, $LLMQAT_DATA_DIR names the local data directory; without either, the HF hub.
 """
 

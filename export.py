@@ -4,7 +4,7 @@
     python export.py student=runs/q4_0/student format=gguf_q4_0 output=exports/student.Q4_0.gguf
     python export.py student=DIR format=gguf_q8_0 output=x.gguf tokenizer_from=smollm2-135m
 
-All settings: recipes/export.py `ExportConfig` (defaults), configs/export.yaml (values), `key=value`.
+All settings: recipes/export.py `ExportConfig` (defaults); `config=configs/<experiment>.yaml` and `key=value` override them.
 Reload a packed export with `models.convert.load_packed(DIR)`; run a GGUF in llama.cpp.
 """
 

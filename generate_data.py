@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 8 generate_data.py             # no shard given: shard = $RANK ($SLURM_PROCID)
 
 A killed shard resumes where it stopped when run again. Then: python merge_gen_data.py.
-All settings: recipes/generate.py `GenerateConfig` (defaults), configs/generate.yaml (values), `key=value`.
+All settings: recipes/generate.py `GenerateConfig` (defaults); `config=configs/<experiment>.yaml` and `key=value` override them.
 """
 
 import sys

@@ -3,7 +3,7 @@
     python merge_gen_data.py                                   # gen_data/gen.chunk.*.jsonl -> gen_data/all_gen.jsonl
     python merge_gen_data.py in_dir=gen_data output=gen_data/all_gen.jsonl seed=42 skip_bad=true
 
-All settings: recipes/merge.py `MergeConfig` (defaults), configs/merge.yaml (values), `key=value`.
+All settings: recipes/merge.py `MergeConfig` (defaults); `config=configs/<experiment>.yaml` and `key=value` override them.
 """
 
 import sys

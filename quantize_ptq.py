@@ -4,7 +4,7 @@
         calib=gen_data/all_gen.jsonl output_dir=runs/ptq/gptq-W4A8KV8
     python evaluate.py model=runs/ptq/gptq-W4A8KV8 limit=200      # evaluated like a QAT student
 
-All settings: recipes/ptq.py `PTQConfig` (defaults), configs/ptq.yaml (values), `key=value`.
+All settings: recipes/ptq.py `PTQConfig` (defaults); `config=configs/<experiment>.yaml` and `key=value` override them.
 """
 
 import sys

@@ -4,7 +4,7 @@
     python train.py quant.w_bits=4 quant.a_bits=8 quant.kv_bits=8 max_steps=2   # one process
     python train.py --launch-plan backend=fsdp nproc=2                          # prints "fsdp 2"
 
-All settings: recipes/train.py `TrainConfig` (defaults), configs/train.yaml (values), `key=value`.
+All settings: recipes/train.py `TrainConfig` (defaults); `config=configs/<experiment>.yaml` and `key=value` override them.
 """
 
 import sys

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import load_model, quantize_model, save_model  # noqa: E402
 from models.convert import load_packed  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
+from quant.export_gguf import write_gguf  # noqa: E402
 from recipes.export import ExportConfig, artifact_bytes, tokenizer_source  # noqa: E402
 from recipes.export import run as export  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -83,7 +86,6 @@ def hf_scores(model, windows: torch.Tensor) -> list[tuple[float, torch.Tensor]]:
 
 def llama_cpp_scores(path: Path, windows: torch.Tensor, threads: int) -> tuple[list, float, float]:
     """(scores, load seconds, RSS MB added) of a GGUF run in llama.cpp."""
-    import numpy as np
     from llama_cpp import Llama
 
     rss, start = rss_mb(), time.perf_counter()
@@ -122,7 +124,6 @@ def llama_cpp_own_q4_0(cfg: BenchExportConfig, out: Path, tokenizer_from: str) -
     """(F32 GGUF of the full-precision model, llama.cpp's own Q4_0 of it)."""
     import llama_cpp
 
-    from quant.export_gguf import write_gguf
 
     f32, q4 = out / "teacher.F32.gguf", out / "teacher.llamacpp-Q4_0.gguf"
     model, tok = load_model(cfg.model)
@@ -137,8 +138,6 @@ def llama_cpp_own_q4_0(cfg: BenchExportConfig, out: Path, tokenizer_from: str) -
 
 
 def same_decoder_tensors(ours: Path, theirs: Path) -> str:
-    import gguf
-    import numpy as np
 
     a = {t.name: t for t in gguf.GGUFReader(ours).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
     b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}

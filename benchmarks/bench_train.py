@@ -24,10 +24,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import dequantize_model, load_model, set_quantizers_enabled  # noqa: E402
+from models.loading import convert_gguf, resolve_model  # noqa: E402
+from quant import fake_quant  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from utils.eval.datasets import wikitext2_text  # noqa: E402
 from utils.train.distill import DistillStudent, KDLoss, next_token_labels, teacher_hidden_states, token_kl  # noqa: E402
@@ -116,9 +119,7 @@ def _peak_rss_kib() -> int:
 
 def bench_memory_child(args) -> dict:
     """Peak memory growth of loss + backward (run in a fresh process per variant on CPU)."""
-    from transformers import AutoConfig
 
-    from models.loading import convert_gguf, resolve_model
 
     folder, gguf = resolve_model(args.model)
     config = AutoConfig.from_pretrained(convert_gguf(Path(folder) / gguf) if gguf else folder)
@@ -170,9 +171,7 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     if args.fp32_quant:
-        import quant.fake_quant as fq
-
-        fq.compute_dtype = lambda dtype: torch.float32
+        fake_quant.compute_dtype = lambda dtype: torch.float32
     if args.memory_child:
         print(json.dumps(bench_memory_child(args)))
         return

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.patch import CONFIG_ATTR, get_quant_config, quantize_model
 from quant.config import QuantConfig
@@ -91,7 +92,7 @@ def _file_digest(path: Path) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _digest_of(path: str, size: int, mtime_ns: int, chunk: int = 1 << 24) -> str:
-    """sha256 of a file, memoized on (path, size, mtime): hashing a 0.5 GB model takes ~1 s."""
+    """sha256 of a file, memoized on (path, size, mtime): hashing a model is done once per file version."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -140,11 +141,9 @@ def cache_root() -> Path:
 def convert_gguf(gguf_path: Path) -> str:
     """Dequantize a GGUF file once into a float32 HF folder under the cache; return that folder.
 
-    Parsing GGUF (tokenizer included) takes ~30 s for SmolLM2; the cached folder loads in ~1 s.
+    Parsing GGUF (tokenizer included) is slow; the cached folder loads fast.
     The cache key holds the file's name, size and mtime, so a changed file is converted again.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     stat = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
@@ -166,8 +165,6 @@ def convert_gguf(gguf_path: Path) -> str:
 
 
 def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
     folder, gguf = resolve_model(name_or_path)
     if gguf:
         folder = convert_gguf(Path(folder) / gguf)
@@ -190,8 +187,6 @@ def load_model(name_or_path: str, dtype: Union[str, torch.dtype] = torch.float32
     Raises:
         FileNotFoundError: no such folder / file, alias package not installed, or not on the hub.
     """
-    from transformers import AutoModelForCausalLM
-
     folder, gguf = resolve_model(name_or_path)
     if gguf:
         folder = convert_gguf(Path(folder) / gguf)

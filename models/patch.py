@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from quant.config import QuantConfig
 from quant.errors import UserError
@@ -65,8 +67,6 @@ def _quantize_kv(quantizer: FakeQuantizer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _base_attention(module: nn.Module, name: str) -> Callable:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if name in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[name]
     # "eager" lives in each modeling file, not in the registry.
@@ -75,9 +75,6 @@ def _base_attention(module: nn.Module, name: str) -> Callable:
 
 def _register_post_rope_attention(base: str) -> str:
     """Register (once) an attention function that quantizes K, V after RoPE, then calls `base`."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
     name = _ATTN_PREFIX + base
 
     def attention(module, query, key, value, attention_mask, **kwargs):

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+import gguf
 import numpy as np
 import torch
 from torch import nn
@@ -38,15 +39,11 @@ EMBED_TYPES = ("q8_0", "f16", "f32")
 
 
 def _ggml_type(kind: str):
-    import gguf
-
     return {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0,
             "f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}[kind]
 
 
 def _file_type(kind: str) -> int:
-    import gguf
-
     return {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
             "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[kind]
 
@@ -123,8 +120,6 @@ def check_exportable(model: nn.Module, weight_type: str, embed_type: str) -> Non
 def gguf_tensors(model: nn.Module, weight_type: str, embed_type: str) -> list[tuple[str, np.ndarray, str]]:
     """[(gguf name, data, kind)] of every tensor to write; tied lm_head is left out (llama.cpp reuses
     token_embd)."""
-    import gguf
-
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     modules = dict(model.named_modules())
@@ -153,8 +148,6 @@ def gguf_tensors(model: nn.Module, weight_type: str, embed_type: str) -> list[tu
 
 
 def add_hparams(writer, config, weight_type: str, name: str) -> None:
-    import gguf
-
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
@@ -177,8 +170,6 @@ def add_hparams(writer, config, weight_type: str, name: str) -> None:
 
 def copy_tokenizer_metadata(writer, source: Union[str, Path]) -> None:
     """Copy every tokenizer.* key of an existing GGUF file (same vocabulary) into `writer`."""
-    import gguf
-
     reader = gguf.GGUFReader(source)
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
@@ -205,8 +196,6 @@ def add_hf_tokenizer(writer, tokenizer, vocab_size: int, pre: str = "gpt-2") -> 
 
     Ids the tokenizer lacks up to the model's vocab_size become unused [PAD<i>] tokens.
     """
-    import gguf
-
     merges = _tokenizer_json(tokenizer)["model"]["merges"]
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     specials = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
@@ -248,8 +237,6 @@ def write_gguf(model: nn.Module, tokenizer, path: Union[str, Path], weight_type:
     Raises:
         ValueError / NotImplementedError: unknown type, or a model / tokenizer the writer does not cover.
     """
-    import gguf
-
     check_exportable(model, weight_type, embed_type)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

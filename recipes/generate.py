@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GenerateConfig:
-    """Settings of `generate_data.py` (values in configs/generate.yaml).
+    """Settings of `generate_data.py`.
 
     Args:
         shard: which `n_vocab` consecutive start ids to use; None: $RANK, else $SLURM_PROCID, else 0.

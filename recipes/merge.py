@@ -23,7 +23,7 @@ from utils.logging import print0
 
 @dataclass
 class MergeConfig:
-    """Settings of `merge_gen_data.py` (values in configs/merge.yaml).
+    """Settings of `merge_gen_data.py`.
 
     Args:
         output: the merged file; None: `{in_dir}/all_gen.jsonl`. Statistics go next to it

@@ -1,6 +1,6 @@
 """The main job: the whole LLM-QAT pipeline on the default model, on a CPU, stage by stage.
 
-    bash run_pipeline.sh                                         # SmolLM2-135M, ~20-25 min on 2 CPU cores
+    bash run_pipeline.sh                                         # SmolLM2-135M on a CPU (configs/main_job.yaml)
     python pipeline.py out_dir=runs/small generate.n_vocab=8 train.max_steps=2 eval.limit=4
 
 Stages, each the same `run(cfg)` its entry point calls (outputs under `out_dir`):
@@ -49,7 +49,7 @@ config values only:
         qat=[runs/llama7b-w4a8kv8/student] eval.seqlen=2048 cache_dir=runs/table-llama7b output=runs/table-llama7b/table.md
 
 Evaluation (evaluate.py, run_table.sh) runs on the GPU when there is one (`device=auto`; add
-`dtype=bfloat16` for 7B). The PTQ baselines (quantize_ptq.py: SmoothQuant, GPTQ) still build their
+`dtype=bfloat16` to evaluate.py, `eval.dtype=bfloat16` to run_table.sh, for 7B). The PTQ baselines (quantize_ptq.py: SmoothQuant, GPTQ) still build their
 students on the CPU, which for 7B is slow.
 """
 

@@ -22,7 +22,7 @@ import operator
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from models import read_quant_config
 from quant.config import QuantConfig
@@ -31,7 +31,7 @@ from recipes import evaluate, ptq
 from recipes.evaluate import EvalConfig
 from recipes.ptq import PTQConfig
 from utils.cli import run_entry_point
-from utils.config import to_dict
+from utils.config import to_dict, with_overrides
 from utils.eval.cache import config_hash
 from utils.eval.report import add_recovered, table_row, write_table
 
@@ -55,6 +55,7 @@ class TableConfig:
     only_cached: leave out (with a log line) every row not yet in the cache instead of computing it.
     quant: base grid of the settings (granularity, kv_position, ...); bits come from `settings`.
     eval, ptq: evaluate.py's and quantize_ptq.py's schemas; `WIRED` fields are set per row.
+    ptq_overrides: method -> PTQ keys that differ for that method, e.g. {gptq: {calib: wikitext2}}.
     """
 
     model: str = "smollm2-135m"
@@ -68,6 +69,7 @@ class TableConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ptq: PTQConfig = field(default_factory=PTQConfig)
+    ptq_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in ("fp", *PTQ_METHODS)]
@@ -75,6 +77,10 @@ class TableConfig:
             raise UserError(f"unknown method(s) {bad}; use fp, rtn, smoothquant, gptq (QAT rows: qat=[folders])")
         for setting in self.settings:
             parse_setting(setting, self.quant)
+        for method, keys in self.ptq_overrides.items():
+            if method not in PTQ_METHODS[1:]:
+                raise UserError(f"ptq_overrides.{method}: not a PTQ method with settings (use smoothquant, gptq)")
+            ptq_config(self, method, QuantConfig())  # validates the keys and values
         for section, names in WIRED.items():
             value, default = getattr(self, section), type(getattr(self, section))()
             for name in names:
@@ -105,13 +111,21 @@ def row_results(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -> O
     return payload if payload is not None or cfg.only_cached else evaluate.run(ecfg)
 
 
-def ptq_student(cfg: TableConfig, method: str, qcfg: QuantConfig) -> str:
-    """The PTQ student folder for (method, setting, PTQ config), built once."""
+def ptq_config(cfg: TableConfig, method: str, qcfg: QuantConfig) -> PTQConfig:
+    """`cfg.ptq` with this row's method, model and setting, and the method's `ptq_overrides`."""
     pcfg = replace(cfg.ptq, method=method, model=cfg.model, quant=qcfg,
                    data_dir=cfg.ptq.data_dir if cfg.ptq.data_dir is not None else cfg.eval.data_dir)
+    return with_overrides(pcfg, cfg.ptq_overrides[method]) if method in cfg.ptq_overrides else pcfg
+
+
+def ptq_student(cfg: TableConfig, method: str, qcfg: QuantConfig, build: bool = True) -> Optional[str]:
+    """The PTQ student folder for (method, setting, PTQ config), built once (None: missing and not `build`)."""
+    pcfg = ptq_config(cfg, method, qcfg)
     key = config_hash({k: v for k, v in to_dict(pcfg).items() if k != "output_dir"})[:8]
     out = Path(cfg.cache_dir) / "students" / f"{method}-{qcfg.tag()}-{key}"
     if not (out / "config.json").is_file():
+        if not build:
+            return None
         ptq.run(replace(pcfg, output_dir=str(out)))
     return str(out)
 
@@ -158,10 +172,10 @@ def _ptq_rows(cfg: TableConfig, setting: str) -> list:
             logger.info("%s does not apply at %s (activations not quantized): no row", method, setting)
             continue
         row = f"{method}-{qcfg.tag()}"
-        if cfg.only_cached and method != "rtn" and not (Path(cfg.cache_dir) / "results" / f"{row}.json").is_file():
-            logger.info("%s: not cached, left out (only_cached)", row)
+        model = cfg.model if method == "rtn" else ptq_student(cfg, method, qcfg, build=not cfg.only_cached)
+        if model is None:
+            logger.info("%s: no student built with this PTQ config, left out (only_cached)", row)
             continue
-        model = cfg.model if method == "rtn" else ptq_student(cfg, method, qcfg)
         payload = row_results(cfg, row, model, qcfg)
         if payload is not None:
             rows.append(table_row(LABELS[method], setting, payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))

@@ -38,8 +38,7 @@ for s in $SETTINGS; do
   case " $METHODS " in *" smoothquant "*) first=$first,smoothquant ;; esac
   sh run_table.sh "${TABLE[@]}" settings="[$s]" methods="[$first]" qat="[$run/student]" output=runs/table/last.md
   case " $METHODS " in *" gptq "*)
-    sh run_table.sh "${TABLE[@]}" settings="[$s]" methods=[gptq] ptq.calib=wikitext2 \
-      ptq.calib_samples=64 ptq.gptq_percdamp=0.1 output=runs/table/last.md ;;
+    sh run_table.sh "${TABLE[@]}" settings="[$s]" methods=[gptq] output=runs/table/last.md ;;
   esac
 done
 # The whole table from the cache: every setting whose rows exist (nothing is re-evaluated).

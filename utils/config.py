@@ -77,12 +77,26 @@ def load_config(schema: Type[T], argv: Sequence[str] = (), default_yaml: Optiona
             yaml_path = item.split("=", 1)[1]
             argv.remove(item)
     try:
-        cfg = OmegaConf.structured(schema)
-        OmegaConf.set_struct(cfg, True)
+        cfg = OmegaConf.structured(schema)  # structured: unknown keys are errors (dict fields stay open)
         if yaml_path:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(_resolve_yaml(yaml_path)))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(expand_shorthands(schema, argv)))
         return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"bad config{f' key {key!r}' if key else ''}: {err}".split("\n")[0]) from None
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"bad config value: {err}") from None
+
+
+def with_overrides(cfg: T, updates: dict) -> T:
+    """A copy of the dataclass instance `cfg` with `updates` (nested dict) merged in, validated like
+    a command line: unknown keys and wrong types are ConfigErrors."""
+    try:
+        base = OmegaConf.structured(cfg)
+        return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.create(updates)))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         raise ConfigError(f"bad config{f' key {key!r}' if key else ''}: {err}".split("\n")[0]) from None

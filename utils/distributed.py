@@ -17,9 +17,13 @@ import os
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from quant.errors import UserError
 
@@ -66,8 +70,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     try:
-        import numpy as np
-
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
@@ -122,12 +124,8 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
 def wrap_model(model: nn.Module, backend: str, rt: Runtime) -> nn.Module:
     """Wrap a module (with `.lm` the HF model) for `backend`; deepspeed is wrapped by its engine."""
     if backend == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if backend == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for layer in decoder_layers(model.lm):
             fully_shard(layer)
         fully_shard(model)
@@ -142,8 +140,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 def full_state_dict(model: nn.Module, rt: Runtime) -> dict:
     """A full, unsharded CPU state dict of `model` (all ranks must call it under FSDP / ZeRO-3)."""
     if rt.backend == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rt.backend == "deepspeed" and model.zero_optimization_stage() == 3:
         state = model._zero3_consolidated_16bit_state_dict()  # a dict on rank 0 only

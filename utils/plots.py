@@ -8,10 +8,13 @@ go on the left panel (grouped by task, one bar per method), WikiText-2 perplexit
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from quant.errors import UserError
+from utils.io import read_jsonl
 
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
 
@@ -107,8 +110,6 @@ def save_training_curve(metrics_jsonl, path, title: str = "QAT-KD training") -> 
     Raises:
         ValueError: the file holds no loss at all.
     """
-    from utils.io import read_jsonl
-
     rows = read_jsonl(metrics_jsonl)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_kd_loss"]) for r in rows if "val_kd_loss" in r]
@@ -134,8 +135,6 @@ def save_training_curves(runs: dict, path, title: str, key: str = "val_kd_loss")
     Raises:
         ValueError: no run has any `key` record.
     """
-    from utils.io import read_jsonl
-
     fig = _figure((6.4, 4))
     ax = fig.subplots()
     drawn = 0
@@ -158,8 +157,6 @@ def main(argv) -> int:
     """python -m utils.plots curve METRICS_JSONL OUT.png [title]
                             | curves OUT.png LABEL=METRICS_JSONL [LABEL=METRICS_JSONL ...]
                             | table TABLE_JSON OUT.png [title] | recovered TABLE_JSON OUT.png [title]"""
-    import json
-
     if len(argv) < 3 or argv[0] not in ("curve", "curves", "table", "recovered"):
         print(main.__doc__)
         return 2
@@ -184,6 +181,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main(sys.argv[1:]))

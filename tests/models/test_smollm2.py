@@ -9,6 +9,8 @@ import models
 from quant import QuantConfig
 from utils.eval.datasets import wikitext2_text
 
+pytestmark = pytest.mark.slow  # the real default model (SmolLM2-135M)
+
 
 @pytest.fixture(scope="module")
 def smollm2():

@@ -31,3 +31,30 @@ def test_table_cli_and_results_plot(tmp_path):
     assert main(["nonsense"]) == 2
     with pytest.raises(ValueError, match="nothing to plot"):
         save_results_plot([{"method": "x"}], ["piqa"], tmp_path / "n.png", title="t")
+
+
+def test_recovered_plot_is_written_and_refuses_rows_without_it(tmp_path):
+    from utils.plots import save_recovered_plot
+
+    rows = [{"method": "QAT (w4a8kv8)", "setting": "4-8-8", "recovered_ppl": 60.0},
+            {"method": "GPTQ", "setting": "4-8-8", "recovered_ppl": 35.0},
+            {"method": "QAT (w4a8kv4)", "setting": "4-8-4", "recovered_ppl": 66.0}]
+    path = save_recovered_plot(rows, tmp_path / "rec.png", "recovered")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    with pytest.raises(ValueError, match="recovered_ppl"):
+        save_recovered_plot([{"method": "FP", "setting": "16-16-16"}], tmp_path / "none.png", "x")
+
+
+def test_training_curves_plot_one_line_per_run(tmp_path):
+    from utils.plots import save_training_curves
+
+    runs = {}
+    for name, losses in (("4-8-8", [0.6, 0.3, 0.28]), ("4-8-4", [1.0, 0.5, 0.44]), ("no-eval", None)):
+        rows = [{"step": 10 * i, **({"val_kd_loss": v} if losses else {"loss": 1.0})}
+                for i, v in enumerate(losses or [1, 2])]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = tmp_path / f"{name}.jsonl"
+    path = save_training_curves(runs, tmp_path / "curves.png", "held-out")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="val_kd_loss"):
+        save_training_curves({"no-eval": runs["no-eval"]}, tmp_path / "none.png", "x")

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from quant.errors import InputFileError, UserError
 from utils.distributed import Runtime, barrier
@@ -78,9 +80,6 @@ def _save_model_optim(path: Path, model, optimizer, rt: Runtime) -> None:
     if rt.backend == "deepspeed":
         model.save_checkpoint(str(path), tag="state", save_latest=False)
         return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
 
@@ -89,9 +88,6 @@ def _load_model_optim(path: Path, model, optimizer, rt: Runtime) -> None:
     if rt.backend == "deepspeed":
         model.load_checkpoint(str(path), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False)
         return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))

@@ -1,6 +1,6 @@
 """KD loss: hand-computed reference, reductions, CE mixing, chunked == plain (loss and gradients).
 
-    PYTHONPATH=. .venv/bin/python -m pytest -q tests/utils/test_kd_loss.py
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/utils/train/test_distill.py
 """
 
 import math

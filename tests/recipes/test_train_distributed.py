@@ -3,7 +3,7 @@
 Each run trains 3 steps with a checkpoint, saves a reloadable student, and matches a one-process run
 that sees the same samples (2 processes x batch 1 == 1 process x batch 2).
 
-    PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_train_distributed.py
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/recipes/test_train_distributed.py
 """
 
 import importlib.util
@@ -18,10 +18,12 @@ import torch
 
 from models import load_model
 from recipes.train import TrainConfig, run
-from tests.test_train import write_text_jsonl
+from tests.recipes.test_train import write_text_jsonl
 from utils.config import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # multi-process (torchrun, gloo / DeepSpeed CPU)
+
+ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["max_steps=3", "model_max_length=32", "learning_rate=1e-3", "logging_steps=1", "loss_chunk_size=24"]
 
 

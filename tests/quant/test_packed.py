@@ -1,6 +1,6 @@
 """Packed safetensors export: integers + scales that rebuild the fake-quant student bit for bit.
 
-    PYTHONPATH=. .venv/bin/python -m pytest -q tests/quant/test_export.py
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/quant/test_packed.py
 """
 
 from __future__ import annotations

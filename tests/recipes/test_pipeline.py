@@ -2,7 +2,7 @@
 a finite table and a PNG; a second run skips every stage and rewrites none of their outputs; without
 evaluation data it still generates, merges and trains, and names the evaluations it skipped.
 
-    PYTHONPATH=. LLMQAT_DATA_DIR=../shared/data .venv/bin/python -m pytest -q tests/test_pipeline.py
+    PYTHONPATH=. LLMQAT_DATA_DIR=../shared/data .venv/bin/python -m pytest -q tests/recipes/test_pipeline.py
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The shard merger: finds shards, validates every line (file:line errors), drops exact duplicates,
 shuffles with a seed, replaces the output atomically and reports missing / incomplete shards.
 
-    PYTHONPATH=. python -m pytest -q tests/utils/test_merge.py
+    PYTHONPATH=. python -m pytest -q tests/utils/data/test_merge.py
 """
 
 import json

@@ -2,7 +2,7 @@
 a shard killed with SIGKILL mid-run (and left with a half-written line) resumes to exactly the records
 of an uninterrupted run; a finished shard is left unchanged; bad settings fail with the key named.
 
-    PYTHONPATH=. python -m pytest -q tests/test_generate_cli.py
+    PYTHONPATH=. python -m pytest -q tests/recipes/test_generate.py
 """
 
 import json
@@ -22,7 +22,7 @@ from recipes.generate import GenerateConfig, run
 from utils.config import load_config
 from utils.io import read_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LLMQAT_NO_PROGRESS": "1",
        "HF_HUB_OFFLINE": "1"}
 
@@ -45,6 +45,7 @@ def _lines(path):
     return path.read_bytes().count(b"\n") if path.is_file() else 0
 
 
+@pytest.mark.slow  # subprocesses
 def test_killed_shard_resumes_to_the_uninterrupted_records(tiny_model_dir, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -76,6 +77,7 @@ def test_killed_shard_resumes_to_the_uninterrupted_records(tiny_model_dir, tmp_p
     assert shard.read_bytes() == before
 
 
+@pytest.mark.slow  # subprocesses
 def test_run_generate_sh_then_merge(tiny_model_dir, tmp_path):
     out = tmp_path / "gen"
     settings = _settings(tiny_model_dir, out, n_vocab=6, max_length=16)

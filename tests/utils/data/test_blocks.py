@@ -1,6 +1,6 @@
 """Training data: text / token_ids rows, packing, padding, cache, seeded split and batches, bad input.
 
-    PYTHONPATH=. .venv/bin/python -m pytest -q tests/utils/test_train_data.py
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/utils/data/test_blocks.py
 """
 
 import json

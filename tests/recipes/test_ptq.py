@@ -1,6 +1,6 @@
 """PTQ baselines (quant/gptq.py, quant/smoothquant.py, recipes/ptq.py) on tiny problems.
 
-    PYTHONPATH=. .venv/bin/python -m pytest -q tests/quant/test_baselines.py
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/recipes/test_ptq.py
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Batched self-generation on a tiny random Llama: greedy prefix = argmax of a plain forward, sampling
 = HF's warpers, records independent of the batch, shard coverage, shard-file repair and resume checks.
 
-    PYTHONPATH=. python -m pytest -q tests/utils/test_generation.py
+    PYTHONPATH=. python -m pytest -q tests/utils/data/test_generation.py
 """
 
 import json

@@ -1,7 +1,7 @@
 """train.py / recipes.train on a tiny random Llama: a run_train.sh run whose artifacts reload, only the
 student learns, kill + resume == uninterrupted, bad inputs fail before any compute.
 
-    PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_train.py
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/recipes/test_train.py
 """
 
 import json
@@ -24,7 +24,7 @@ from utils.train.checkpoint import complete_checkpoints, find_checkpoint
 from utils.train.distill import DistillStudent, KDLoss
 from utils.train.loop import setup_training, train_step
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = "the quick brown fox jumps over a lazy dog while seven cats sleep in warm sun".split()
 
 
@@ -49,6 +49,7 @@ def _cfg(model, data, out, *extra):
     return load_config(TrainConfig, argv)
 
 
+@pytest.mark.slow  # subprocesses
 def test_run_train_sh_artifacts_reload(setup):
     model, data, tmp = setup
     out = tmp / "run"

@@ -1,6 +1,6 @@
 """Zero-shot scoring (utils/eval/zeroshot.py) and task formats (utils/eval/tasks.py) on a tiny random Llama.
 
-    PYTHONPATH=. LLMQAT_DATA_DIR=../shared/data .venv/bin/python -m pytest -q tests/utils/test_zeroshot.py
+    PYTHONPATH=. LLMQAT_DATA_DIR=../shared/data .venv/bin/python -m pytest -q tests/utils/eval/test_zeroshot.py
 """
 
 from __future__ import annotations

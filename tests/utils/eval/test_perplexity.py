@@ -1,6 +1,6 @@
 """Perplexity (utils/eval/perplexity.py) against a direct token-by-token computation, on a tiny Llama.
 
-    PYTHONPATH=. .venv/bin/python -m pytest -q tests/utils/test_perplexity.py
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/utils/eval/test_perplexity.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """export.py: `student=DIR format=packed|gguf_q4_0|gguf_q8_0 output=PATH`, and its bad inputs.
 
-    PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_export_cli.py
+    PYTHONPATH=. .venv/bin/python -m pytest -q tests/recipes/test_export.py
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def test_bad_config_values_are_config_errors(argv):
         load_config(ExportConfig, argv)
 
 
+@pytest.mark.slow  # subprocesses
 def test_cli_subprocess(tiny_model_dir, tmp_path):
     """The interface outside scripts rely on, run as a process."""
     student, _ = make_student(tiny_model_dir, tmp_path / "student", w_bits=4, weight_format="gguf_q4_0")
