@@ -85,8 +85,9 @@ _FINGERPRINT_FILES = ("config.json", QUANT_CONFIG_FILE, "tokenizer.json", "token
                       "*.bin", "*.gguf")
 
 
-def _file_digest(path: Path) -> str:
-    stat = path.stat()
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes (memoized on its path, size and mtime)."""
+    stat = Path(path).stat()
     return _digest_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
@@ -106,15 +107,24 @@ def model_fingerprint(name_or_path: str) -> str:
     Two folders with the same files have the same fingerprint; retraining into a folder changes it."""
     folder, gguf = resolve_model(name_or_path)
     if gguf:
-        return "gguf:" + _file_digest(Path(folder) / gguf)[:16]
+        return "gguf:" + file_fingerprint(Path(folder) / gguf)[:16]
     path = Path(folder)
     if not path.is_dir():
         return f"hub:{folder}"
     files = sorted({f for pattern in _FINGERPRINT_FILES for f in path.glob(pattern) if f.is_file()})
     digest = hashlib.sha256()
     for f in files:
-        digest.update(f"{f.name}:{_file_digest(f)}\n".encode())
+        digest.update(f"{f.name}:{file_fingerprint(f)}\n".encode())
     return "files:" + digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what maps text to ids: the vocabulary (token -> id, added tokens included), the
+    special tokens and the tokenizer class. Two tokenizers with the same fingerprint give the same
+    ids; data tokenized (or generated) by one is meaningful to the other."""
+    payload = {"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab(),
+               "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
+    return "tok:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_quant_config(folder: Union[str, Path]) -> Optional[QuantConfig]:
@@ -175,7 +185,7 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(name_or_path: str, dtype: Union[str, torch.dtype] = torch.float32, device=None,
-               quant: Optional[QuantConfig] = None):
+               quant: Optional[QuantConfig] = None, attn_implementation: Optional[str] = None):
     """Load (model, tokenizer).
 
     Args:
@@ -184,6 +194,7 @@ def load_model(name_or_path: str, dtype: Union[str, torch.dtype] = torch.float32
         device: where to put the model (default: stay on CPU).
         quant: fake-quantize with this config; by default a saved student's own
             `quant_config.json` is applied, and a plain model stays full precision.
+        attn_implementation: eager / sdpa / ... (what transformers offers); None: its default.
     Raises:
         FileNotFoundError: no such folder / file, alias package not installed, or not on the hub.
     """
@@ -191,7 +202,8 @@ def load_model(name_or_path: str, dtype: Union[str, torch.dtype] = torch.float32
     if gguf:
         folder = convert_gguf(Path(folder) / gguf)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=to_dtype(dtype))
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=to_dtype(dtype), **extra)
     except OSError as err:
         raise InputFileError(
             f"model not found: {name_or_path!r} is not a local folder, a .gguf file, an alias "

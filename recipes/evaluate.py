@@ -23,7 +23,7 @@ from models.convert import convert
 from quant.config import QuantConfig
 from quant.errors import UserError
 from utils.config import to_dict
-from utils.eval.cache import cached_results, config_hash
+from utils.eval.cache import cached_results
 from utils.eval.datasets import c4_texts, resolve_data_dir, wikitext2_text
 from utils.eval.perplexity import c4_windows, perplexity, perplexity_of_windows
 from utils.eval.report import table_row, write_table
@@ -31,6 +31,7 @@ from utils.eval.tasks import ALL_TASKS, TASKS, load_task
 from utils.eval.zeroshot import evaluate_docs
 from utils.io import write_json
 from utils.logging import print0
+from utils.provenance import config_hash
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from recipes.evaluate import EvalConfig
 from recipes.ptq import PTQConfig
 from utils.cli import run_entry_point
 from utils.config import to_dict, with_overrides
-from utils.eval.cache import config_hash
 from utils.eval.report import add_recovered, table_row, write_table
+from utils.provenance import config_hash
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence, Type, TypeVar
 
@@ -64,6 +65,20 @@ def _resolve_yaml(path: str) -> Path:
     raise ConfigError(f"config file not found: {path}")
 
 
+@contextmanager
+def _config_errors():
+    """OmegaConf errors and the schemas' own ValueError / TypeError checks -> one-line ConfigError."""
+    try:
+        yield
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"bad config{f' key {key!r}' if key else ''}: {err}".split("\n")[0]) from None
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"bad config value: {err}") from None
+
+
 def load_config(schema: Type[T], argv: Sequence[str] = (), default_yaml: Optional[str] = None) -> T:
     """Build a validated `schema` instance from defaults, a YAML file and `key=value` overrides.
 
@@ -76,34 +91,19 @@ def load_config(schema: Type[T], argv: Sequence[str] = (), default_yaml: Optiona
         if item.startswith("config="):
             yaml_path = item.split("=", 1)[1]
             argv.remove(item)
-    try:
+    with _config_errors():
         cfg = OmegaConf.structured(schema)  # structured: unknown keys are errors (dict fields stay open)
         if yaml_path:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(_resolve_yaml(yaml_path)))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(expand_shorthands(schema, argv)))
         return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(f"bad config{f' key {key!r}' if key else ''}: {err}".split("\n")[0]) from None
-    except (ValueError, TypeError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"bad config value: {err}") from None
 
 
 def with_overrides(cfg: T, updates: dict) -> T:
     """A copy of the dataclass instance `cfg` with `updates` (nested dict) merged in, validated like
     a command line: unknown keys and wrong types are ConfigErrors."""
-    try:
-        base = OmegaConf.structured(cfg)
-        return OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.create(updates)))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(f"bad config{f' key {key!r}' if key else ''}: {err}".split("\n")[0]) from None
-    except (ValueError, TypeError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"bad config value: {err}") from None
+    with _config_errors():
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.create(updates)))
 
 
 def to_yaml(cfg) -> str:

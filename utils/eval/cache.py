@@ -1,6 +1,6 @@
 """The one evaluation-result cache: a results JSON is reused, task by task, only under the same key.
 
-    key = config_hash({"eval": settings_that_change_numbers, "model": model_fingerprint(model)})
+    key = config_hash({"eval": settings_that_change_numbers, "model": model_fingerprint(model)})  # utils.provenance
     done = cached_results(path, key)      # task -> metrics written under this key, else {}
 
 evaluate.py writes `provenance.config_hash` into every results JSON it saves (after each task), and
@@ -11,14 +11,8 @@ The main job and run_table.sh go through evaluate.py, so this is the only place 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-
-
-def config_hash(fields: dict) -> str:
-    """A short, stable hash of a JSON-able dict (key order does not matter)."""
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_payload(path) -> dict:
