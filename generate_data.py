@@ -6,7 +6,9 @@
         batch_size=32 seed=0 out_dir=gen_data
     torchrun --nproc_per_node 8 generate_data.py             # no shard given: shard = $RANK ($SLURM_PROCID)
 
-A killed shard resumes where it stopped when run again. Then: python merge_gen_data.py.
+Start ids: a seeded random order of the vocabulary that shards partition (start_ids=random, the paper),
+or consecutive ids (start_ids=walk, the original code). A saved student generates from its full-precision
+weights unless quantized=true. A killed shard resumes where it stopped when run again. Then: python merge_gen_data.py.
 All settings: recipes/generate.py `GenerateConfig` (defaults); `config=configs/<experiment>.yaml` and `key=value` override them.
 """
 

@@ -2,6 +2,7 @@
 # Distillation QAT: run_train.sh W A KV [key=value ...]  (bits 2..8, or 16 = full precision)
 #   sh run_train.sh 4 8 8 config=configs/qat_smollm2_w4a8kv8.yaml      # the SmolLM2 QAT recipe
 #   sh run_train.sh 4 8 8 backend=fsdp nproc=2 resume=auto     # 2 processes: GPUs, else CPU + gloo
+#   sh run_train.sh 4 8 8 attn_implementation=eager max_grad_norm=0   # eager attention, no clipping (HF's 0)
 # Every key is a field of recipes/train.py TrainConfig (defaults there; config=FILE.yaml merges an
 # experiment from configs/). nproc comes from the command line, else $NPROC, else the config; the
 # launcher is torchrun for nproc > 1. Protocol: docs/training.md.

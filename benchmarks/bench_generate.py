@@ -48,8 +48,8 @@ def bench_original(model, starts, max_length, eos):
     tokens, t0 = 0, time.perf_counter()
     for j in GREEDY:
         for i in starts:
-            out = model.generate(torch.tensor([[i]]), do_sample=False, max_length=j, eos_token_id=eos,
-                                 pad_token_id=eos[0])
+            out = model.generate(torch.tensor([[i]], device=model.device), do_sample=False, max_length=j,
+                                 eos_token_id=eos, pad_token_id=eos[0])
             out = model.generate(out, do_sample=True, max_length=max_length, top_k=50, temperature=1.0,
                                  top_p=1.0, eos_token_id=eos, pad_token_id=eos[0])
             tokens += out.shape[1] - 1  # batch of one: no padding
@@ -63,6 +63,21 @@ def bench_ours(model, starts, max_length, batch_size, eos):
                                   sampling=Sampling(1.0, 50, 1.0)):
         tokens += len(seq["token_ids"]) - 1
     return tokens, time.perf_counter() - t0
+
+
+def compare(model, tokenizer, base_starts: int, ours_starts: int, max_length: int, batch_size: int,
+            first: int = 1000) -> dict:
+    """Tokens and seconds of both procedures on `model` (on its device), and tokens/s of each.
+
+    `first`: start ids are taken from this id up (skipping special ones), as `start_ids` does.
+    """
+    eos = eos_ids_of(model, tokenizer, None)
+    base = bench_original(model, start_ids(tokenizer, base_starts, first), max_length, eos)
+    ours = bench_ours(model, start_ids(tokenizer, ours_starts, first), max_length, batch_size, eos)
+    out = {name: {"tokens": tok, "seconds": sec, "tokens_per_s": tok / sec}
+           for name, (tok, sec) in (("original", base), ("ours", ours))}
+    out["speedup"] = out["ours"]["tokens_per_s"] / out["original"]["tokens_per_s"]
+    return out
 
 
 def matmul_flops(n=2048, repeats=5):
@@ -84,22 +99,21 @@ def main():
         torch.set_num_threads(int(opts["threads"]))
     model, tok = load_model(opts["model"])
     model.eval()
-    eos, max_length = eos_ids_of(model, tok, None), int(opts["max_length"])
+    max_length = int(opts["max_length"])
     params = sum(p.numel() for p in model.parameters())
     print(f"model {opts['model']}: {params / 1e6:.1f}M params, torch threads {torch.get_num_threads()}, "
           f"max_length {max_length}, greedy {GREEDY}, top_k 50, T 1.0")
-    base_tok, base_s = bench_original(model, start_ids(tok, int(opts["base_starts"])), max_length, eos)
-    print(f"original (HF generate, 1 sequence at a time): {base_tok} tokens in {base_s:.1f} s = "
-          f"{base_tok / base_s:.1f} tok/s")
-    ours_tok, ours_s = bench_ours(model, start_ids(tok, int(opts["ours_starts"])), max_length,
-                                  int(opts["batch_size"]), eos)
-    print(f"ours (batch {opts['batch_size']}, slot KV cache, refill): {ours_tok} tokens in {ours_s:.1f} s = "
-          f"{ours_tok / ours_s:.1f} tok/s")
-    print(f"speed-up: {(ours_tok / ours_s) / (base_tok / base_s):.1f}x")
+    res = compare(model, tok, int(opts["base_starts"]), int(opts["ours_starts"]), max_length, int(opts["batch_size"]))
+    base, ours = res["original"], res["ours"]
+    print(f"original (HF generate, 1 sequence at a time): {base['tokens']} tokens in {base['seconds']:.1f} s = "
+          f"{base['tokens_per_s']:.1f} tok/s")
+    print(f"ours (batch {opts['batch_size']}, slot KV cache, refill): {ours['tokens']} tokens in "
+          f"{ours['seconds']:.1f} s = {ours['tokens_per_s']:.1f} tok/s")
+    print(f"speed-up: {res['speedup']:.1f}x")
     flops = matmul_flops()
     roofline = flops / (2 * params)
     print(f"matmul: {flops / 1e9:.1f} GFLOP/s (2048^3 float32) -> roofline {roofline:.0f} tok/s at 2 x params "
-          f"FLOPs/token; ours reaches {100 * ours_tok / ours_s / roofline:.0f}%")
+          f"FLOPs/token; ours reaches {100 * ours['tokens_per_s'] / roofline:.0f}%")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models import dequantize_model, load_model, set_quantizers_enabled  # noqa: E402
 from models.loading import convert_gguf, resolve_model  # noqa: E402
-from quant import fake_quant  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from utils.eval.datasets import wikitext2_text  # noqa: E402
 from utils.train.distill import DistillStudent, KDLoss, next_token_labels, teacher_hidden_states, token_kl  # noqa: E402
@@ -41,14 +40,26 @@ def fixed_batch(tokenizer, batch: int, seqlen: int) -> torch.Tensor:
     return ids[: batch * seqlen].view(batch, seqlen)
 
 
-def train_step(model, teacher, optimizer, ids) -> float:
-    """Seconds of one full KD step: teacher forward, student forward + loss, backward, AdamW."""
+def _sync(ids: torch.Tensor) -> None:
+    if ids.is_cuda:  # CUDA kernels run asynchronously: time only finished work
+        torch.cuda.synchronize(ids.device)
+
+
+def train_step(model, teacher, optimizer, ids, autocast: bool = False) -> float:
+    """Seconds of one full KD step: teacher forward, student forward + loss, backward, AdamW.
+
+    `autocast`: the student's forward and loss under bf16 autocast, as train.py runs on a GPU.
+    """
     mask = torch.ones_like(ids)
+    _sync(ids)
     t0 = time.perf_counter()
     hidden = teacher_hidden_states(teacher, ids, mask)
-    model(ids, mask, hidden, teacher.get_output_embeddings())["loss"].backward()
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(ids, mask, hidden, teacher.get_output_embeddings())["loss"]
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    _sync(ids)
     return time.perf_counter() - t0
 
 
@@ -61,19 +72,33 @@ def bench_step(args) -> dict:
     falls on both alike. Not alternating step by step: a step right after the other variant inherits
     that variant's allocator state (page faults are a large part of a CPU step here), which measured
     1.77x where blocks measured 1.12x."""
+    model, teacher, optimizer, tok = build_kd(args.model, args.chunk, args.fp32_quant)
+    return time_variants(model, teacher, optimizer, fixed_batch(tok, args.batch, args.seqlen), args.steps,
+                         args.rounds)
+
+
+def build_kd(model_name: str, chunk: int, fast_math: bool = False, device="cpu", teacher_dtype=torch.float32):
+    """(DistillStudent at W4A8KV8, frozen teacher, AdamW at lr 0, tokenizer) on `device`.
+
+    lr 0 keeps the same weights in every timing.
+    """
     torch.manual_seed(0)
-    student, tok = load_model(args.model, quant=QuantConfig(w_bits=4, a_bits=8, kv_bits=8))
-    teacher, _ = load_model(args.model)
+    student, tok = load_model(model_name, device=device,
+                              quant=QuantConfig(w_bits=4, a_bits=8, kv_bits=8, fast_math=fast_math))
+    teacher, _ = load_model(model_name, dtype=teacher_dtype, device=device)
     dequantize_model(teacher)
     teacher.eval().requires_grad_(False)
-    model = DistillStudent(student.train(), KDLoss(chunk_size=args.chunk))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the same weights in both timings
-    ids = fixed_batch(tok, args.batch, args.seqlen)
+    model = DistillStudent(student.train(), KDLoss(chunk_size=chunk))
+    return model, teacher, torch.optim.AdamW(model.parameters(), lr=0.0), tok
+
+
+def time_variants(model, teacher, optimizer, ids, steps: int, rounds: int, autocast: bool = False) -> dict:
+    """Median step time and tokens/s of each of VARIANTS, and their ratio (see `bench_step`)."""
     times = {name: [] for name, _ in VARIANTS}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, enabled in VARIANTS:
-            set_quantizers_enabled(student, enabled)
-            block = [train_step(model, teacher, optimizer, ids) for _ in range(args.steps + 1)]
+            set_quantizers_enabled(model.lm, enabled)
+            block = [train_step(model, teacher, optimizer, ids, autocast) for _ in range(steps + 1)]
             times[name] += block[1:]
     result = {}
     for name, _ in VARIANTS:
@@ -165,13 +190,11 @@ def main() -> None:
     parser.add_argument("--mem-seqlen", type=int, default=4096,
                         help="tokens of the memory benchmark (one sequence, whatever --batch)")
     parser.add_argument("--fp32-quant", action="store_true",
-                        help="diagnostic: run the fake quantizer's arithmetic in float32 instead of float64")
+                        help="fast_math=true: the fake quantizer's arithmetic in float32 instead of float64")
     parser.add_argument("--memory-child", choices=("naive", "chunked"))
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
-    if args.fp32_quant:
-        fake_quant.compute_dtype = lambda dtype: torch.float32
     if args.memory_child:
         print(json.dumps(bench_memory_child(args)))
         return

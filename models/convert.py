@@ -3,6 +3,7 @@
     convert(model, "folded")                          # evaluation: weights quantized once, in place
     convert(model, "packed", tokenizer, "out/w4")     # integer codes + scales (reload: load_packed)
     convert(model, "gguf_q4_0", tokenizer, "m.gguf")  # llama.cpp's Q4_0 / Q8_0 (quant/export_gguf.py)
+    convert(model, "compressed_tensors", tokenizer, "out/ct")  # vLLM / transformers (quant/compressed_tensors.py)
     convert(model, "float")                           # unpatch: plain nn.Linear, original attention
 
 "folded" stores each QuantLinear's fake-quantized weight once and switches its weight quantizer
@@ -13,12 +14,18 @@ model must not be trained or saved afterwards). "packed" writes config.json (+ a
 loading garbage), model.safetensors (layout: quant/packed.py) and the tokenizer; `load_packed`
 rebuilds the model with the activation / KV fake quantizers re-applied (weight quantizers off: the
 weights are on the grid already), so its logits equal the fake-quant student's exactly. "float"
-is `models.patch.dequantize_model` (same Parameters, no copy).
+is `models.patch.dequantize_model` (same Parameters, no copy). "compressed_tensors" writes the
+same three files with compressed-tensors' tensors and `quantization_config` (quant_method
+"compressed-tensors"), into a temporary folder renamed at the end; stock `from_pretrained` loads it
+(with the `compressed-tensors` package) and so does vLLM.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -28,6 +35,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from models.patch import CONFIG_ATTR, dequantize_model, get_quant_config, quantize_model
+from quant import compressed_tensors as ct
 from quant.config import GGUF_FORMATS, QuantConfig
 from quant.errors import InputFileError, UserError
 from quant.export_gguf import write_gguf
@@ -41,14 +49,17 @@ from quant.packed import (
     unpack_weight,
 )
 
-TARGETS = ("folded", "packed", *GGUF_FORMATS, "float")
+logger = logging.getLogger(__name__)
+
+TARGETS = ("folded", "packed", *GGUF_FORMATS, "compressed_tensors", "float")
 
 
 def convert(model: nn.Module, to: str, tokenizer=None, output: Union[str, Path, None] = None, **options):
     """Turn a fake-quant student into `to` (see the module docstring); returns the model or the path.
 
     Args:
-        options: packed: `dense_dtype`; GGUF: `embed_type`, `tokenizer_from`, `name` (quant/export_gguf.py).
+        options: packed, compressed_tensors: `dense_dtype`; GGUF: `embed_type`, `tokenizer_from`, `name`
+            (quant/export_gguf.py).
 
     Raises:
         UserError: unknown target, or an artifact target without `output`.
@@ -64,6 +75,8 @@ def convert(model: nn.Module, to: str, tokenizer=None, output: Union[str, Path, 
         raise UserError(f"convert(..., {to!r}) writes a file: give output=")
     if to == "packed":
         return save_packed(model, tokenizer, output, **options)
+    if to == "compressed_tensors":
+        return save_compressed_tensors(model, tokenizer, output, **options)
     write_gguf(model, tokenizer, output, to.removeprefix("gguf_"), **options)
     return Path(output)
 
@@ -94,14 +107,82 @@ def save_packed(model: nn.Module, tokenizer, out_dir: Union[str, Path],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(packed_state_dict(model, dense_dtype), str(out / PACKED_FILE), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop(CONFIG_ATTR, None)
-    config["dtype"] = str(dense_dtype).removeprefix("torch.")
-    config["quantization_config"] = quantization_config(qcfg, qcfg.weight_spec(), dense_dtype)
+    config = _hf_config(model, dense_dtype, quantization_config(qcfg, qcfg.weight_spec(), dense_dtype))
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def _hf_config(model: nn.Module, dense_dtype: torch.dtype, quant_section: dict) -> dict:
+    config = model.config.to_dict()
+    config.pop(CONFIG_ATTR, None)
+    config["dtype"] = str(dense_dtype).removeprefix("torch.")
+    config["quantization_config"] = quant_section
+    return config
+
+
+def compressed_tensors_qcfg(model: nn.Module) -> QuantConfig:
+    """The student's QuantConfig, after checking compressed-tensors can hold it (warns about KV).
+
+    Raises:
+        UserError: not a quantized student, or a scheme compressed-tensors cannot express.
+    """
+    qcfg = get_quant_config(model)
+    if qcfg is None:
+        raise UserError("the model is not quantized (no QuantConfig): quantize it with models.quantize_model")
+    reason = ct.unsupported_reason(qcfg)
+    if reason:
+        raise UserError(f"cannot export {qcfg.tag()} as compressed-tensors: {reason}")
+    if ct.kv_cache_note(qcfg):
+        logger.warning(ct.kv_cache_note(qcfg))
+    return qcfg
+
+
+def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: Union[str, Path],
+                            dense_dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a compressed-tensors folder (config.json, model.safetensors, tokenizer) at `out_dir`.
+
+    Written into a temporary sibling and renamed, so a failure leaves no partial folder; an existing
+    `out_dir` is replaced only if it is an earlier compressed-tensors export (or empty).
+
+    Raises:
+        UserError: the scheme cannot be expressed (`compressed_tensors_qcfg`), or `out_dir` is
+            something else.
+    """
+    qcfg, out = compressed_tensors_qcfg(model), Path(out_dir)
+    check_replaceable(out, ct.QUANT_METHOD)
+    dense_dtype = dense_dtype or next(model.parameters()).dtype
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(ct.compressed_state_dict(model, qcfg, dense_dtype), str(tmp / PACKED_FILE), metadata={"format": "pt"})
+        config = _hf_config(model, dense_dtype, ct.quantization_config(qcfg, ct.ignored_linears(model)))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def check_replaceable(out: Path, quant_method: str) -> None:
+    """Raise unless `out` is absent, an empty folder, or a folder whose config has `quant_method`."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if _quant_method(out) != quant_method:
+        raise UserError(f"{out} exists and is not a {quant_method} export: not replacing it")
+
+
+def _quant_method(folder: Path) -> Optional[str]:
+    """`quantization_config.quant_method` of a model folder's config.json, None if unreadable."""
+    try:
+        return json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_packed_config(folder: Union[str, Path]) -> tuple[dict, dict]:

@@ -24,8 +24,9 @@ from typing import Optional, Union
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from models.patch import CONFIG_ATTR, get_quant_config, quantize_model
+from models.patch import CONFIG_ATTR, get_quant_config, quant_coverage, quantize_model
 from quant.config import QuantConfig
 from quant.errors import InputFileError, UserError
 
@@ -128,10 +129,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def read_quant_config(folder: Union[str, Path]) -> Optional[QuantConfig]:
+    """The QuantConfig saved in a student folder (its `coverage` record left out), or None."""
     path = Path(folder) / QUANT_CONFIG_FILE
     if not path.is_file():
         return None
-    return QuantConfig.from_dict(json.loads(path.read_text()))
+    data = json.loads(path.read_text())
+    data.pop("coverage", None)
+    return QuantConfig.from_dict(data)
 
 
 def _drop_gguf_quantization(model) -> None:
@@ -165,13 +169,24 @@ def convert_gguf(gguf_path: Path) -> str:
     _drop_gguf_quantization(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     try:
-        os.replace(tmp, target)  # atomic: a half-written conversion is never taken for a good one
-    except OSError:  # another process won the race
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the cache may be shared
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)  # atomic: a half-written conversion is never taken for a good one
+        except OSError:  # another process won the race
+            pass
+    finally:  # a failed conversion leaves no temporary folder
+
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_tokenizer(name_or_path: str):
@@ -182,6 +197,19 @@ def load_tokenizer(name_or_path: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def attn_implementations() -> tuple:
+    """The attention implementations transformers offers (besides its default, None); our own
+    registered fake-quant wrappers (llmqat_*) are not user choices."""
+    return ("eager", *(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if not k.startswith("llmqat_")))
+
+
+def check_attn_implementation(name: Optional[str]) -> None:
+    """Raise UserError unless `name` is None or an implementation transformers offers."""
+    if name is not None and name not in attn_implementations():
+        raise UserError(f"attn_implementation={name!r} is not offered by transformers "
+                        f"({', '.join(attn_implementations())})")
 
 
 def load_model(name_or_path: str, dtype: Union[str, torch.dtype] = torch.float32, device=None,
@@ -237,8 +265,8 @@ def save_model(model, tokenizer, out_dir: Union[str, Path], extra: Optional[dict
             setattr(model.config, CONFIG_ATTR, saved)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    if qcfg is not None:
-        payload = qcfg.to_dict()
+    if qcfg is not None:  # coverage: what quantize_model reached, {"linears": [q, n], "kv_layers": [q, n]}
+        payload = {**qcfg.to_dict(), "coverage": quant_coverage(model)}
         (out / QUANT_CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     if extra:
         (out / "llmqat_meta.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")

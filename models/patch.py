@@ -9,6 +9,16 @@ input activations per token. K and V are fake-quantized per token over all KV he
     the model's own one (sdpa / eager / ...), on the rotated keys and the values.
 Embeddings, norms and lm_head stay in full precision (only names in `QuantConfig.targets` match).
 Works for Llama and any model with the same projection names (Mistral, Qwen2), GQA included.
+
+Strict coverage: before anything is swapped, every decoder layer must hold every target projection
+and, when K/V are quantized, K and V of every layer must be reachable; otherwise a UserError names
+the missing modules (a model with other names needs `targets=[...]`). Fused projections (Phi-3's
+`qkv_proj`, `gate_up_proj`) are handled, not refused: the fused linear stands for all of its parts
+when they are all targets, and pre-RoPE K/V are quantized on the K and V slices of its output, per
+token, exactly as separate k_proj / v_proj outputs would be (per-row weight scales and per-token
+input scales do not mix the parts, so this equals quantizing the parts one by one). A per_tensor
+weight scale would mix them, so it is refused on fused projections. `quant_coverage(model)` counts
+what is quantized: {"linears": [quantized, total], "kv_layers": [quantized, total]}.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from quant.config import QuantConfig
+from quant.config import QuantConfig, is_off
 from quant.errors import UserError
 from quant.linear import QuantLinear
 from quant.quantizer import FakeQuantizer
@@ -31,15 +41,11 @@ logger = logging.getLogger(__name__)
 
 CONFIG_ATTR = "llmqat_quant"  # key under which the QuantConfig is kept in the HF config.json
 _ATTN_PREFIX = "llmqat_kv_"
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3
 
 
 def head_dim_of(config) -> int:
-    head_dim = getattr(config, "head_dim", None)
-    return head_dim or config.hidden_size // config.num_attention_heads
-
-
-def _is_target(name: str, module: nn.Module, targets) -> bool:
-    return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def patch_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module],
@@ -52,8 +58,16 @@ def patch_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module],
     return len(todo)
 
 
+def _is_attention(module: nn.Module) -> bool:
+    return (hasattr(module, "k_proj") and hasattr(module, "v_proj")) or hasattr(module, "qkv_proj")
+
+
 def _attention_modules(model: nn.Module):
-    return [m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj")]
+    return [m for m in model.modules() if _is_attention(m)]
+
+
+def _layer_attention(layer: nn.Module) -> Optional[nn.Module]:
+    return next((m for m in layer.modules() if _is_attention(m)), None)
 
 
 def _kv_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -96,31 +110,129 @@ def _set_attn_implementation(model: nn.Module, name: str) -> None:
             cfg._attn_implementation = name
 
 
+def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of each decoder layer: the ModuleList of `num_hidden_layers` blocks with linears.
+
+    Raises:
+        UserError: no such list (not a decoder-only transformer this patcher knows how to walk).
+    """
+    count = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and count and len(module) == count and \
+                any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            return [(f"{name}.{i}", layer) for i, layer in enumerate(module)]
+    raise UserError(f"cannot find the {count} decoder layers of {type(model).__name__}: nothing to quantize")
+
+
+def _layer_targets(layer: nn.Module, targets) -> tuple[list[str], list[str]]:
+    """(names of the linears of `layer` to patch, target names it lacks), fused projections resolved."""
+    by_leaf: dict[str, list[str]] = {}
+    for name, module in layer.named_modules():
+        if isinstance(module, nn.Linear):
+            by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    chosen, missing = [], []
+    for target in targets:
+        fused = next((f for f, parts in FUSED.items() if target in parts and f in by_leaf), None)
+        if target in by_leaf or fused in targets:
+            chosen += by_leaf.get(target, [])
+        elif fused is None:
+            missing.append(target)
+        elif not set(FUSED[fused]) <= set(targets):
+            raise UserError(f"{target} is fused into {fused} with {', '.join(FUSED[fused])}: "
+                            f"target all of them (or {fused}), or none")
+        else:
+            chosen += by_leaf[fused]
+    return sorted(set(chosen)), missing
+
+
+def _kv_reachable(layer: nn.Module, chosen: list[str], qcfg: QuantConfig) -> bool:
+    """K and V of `layer` get quantized: by the attention function (post_rope) or on patched outputs."""
+    leaves = {n.rsplit(".", 1)[-1] for n in chosen}
+    pre_rope = {"k_proj", "v_proj"} <= leaves or "qkv_proj" in leaves
+    return _layer_attention(layer) is not None and (qcfg.kv_position == "post_rope" or pre_rope)
+
+
+def _plan(model: nn.Module, qcfg: QuantConfig, kv_on: bool) -> list[str]:
+    """Full names of the linears to patch; raises a UserError naming what a complete quantization lacks."""
+    chosen, missing, no_kv = [], {}, []
+    for prefix, layer in decoder_layers(model):
+        names, lacks = _layer_targets(layer, qcfg.targets)
+        chosen += [f"{prefix}.{n}" for n in names]
+        if lacks:
+            missing[prefix] = lacks
+        if kv_on and not _kv_reachable(layer, names, qcfg):
+            no_kv.append(prefix)
+    if missing or no_kv:
+        raise UserError(_coverage_error(model, missing, no_kv, qcfg))
+    fused = [n for n in chosen if n.rsplit(".", 1)[-1] in FUSED]
+    if fused and qcfg.w_granularity == "per_tensor" and not is_off(qcfg.w_bits):
+        raise UserError(f"w_granularity=per_tensor would share one scale across the parts of {fused[0]}: "
+                        "use per_channel or per_group")
+    return chosen
+
+
+def _coverage_error(model: nn.Module, missing: dict, no_kv: list, qcfg: QuantConfig) -> str:
+    _, first = decoder_layers(model)[0]
+    present = sorted({n.rsplit(".", 1)[-1] for n, m in first.named_modules() if isinstance(m, nn.Linear)})
+    lines = [f"incomplete quantization of {type(model).__name__} at {qcfg.tag()}:"]
+    lines += [f"{layer} has no {', '.join(lacks)}" for layer, lacks in list(missing.items())[:4]]
+    lines += [f"... and {len(missing) - 4} more layers"] * (len(missing) > 4)
+    if no_kv:
+        lines.append(f"kv_bits={qcfg.kv_bits} but K/V would not be quantized in {', '.join(no_kv[:4])}"
+                     f"{' ...' if len(no_kv) > 4 else ''} (kv_position={qcfg.kv_position} needs k_proj and "
+                     f"v_proj, or qkv_proj, among the targets)")
+    lines.append(f"its decoder linears are named {', '.join(present)}: pass targets=[...] with those names")
+    return "; ".join(lines)
+
+
+class KVSliceQuantizer(nn.Module):
+    """Output quantizer of a fused qkv projection [..., Q + 2 * KV]: the K and V slices are
+    fake-quantized per token as separate k_proj / v_proj outputs would be; Q passes unchanged."""
+
+    def __init__(self, spec, q_size: int, kv_size: int):
+        super().__init__()
+        spec.check_last_dim(kv_size, "K/V slice of qkv_proj")
+        self.sizes = [q_size, kv_size, kv_size]
+        self.k_quantizer, self.v_quantizer = FakeQuantizer(spec), FakeQuantizer(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = x.split(self.sizes, dim=-1)
+        return torch.cat((q, self.k_quantizer(k), self.v_quantizer(v)), dim=-1)
+
+
+def _make_quant_linear(name: str, linear: nn.Linear, qcfg: QuantConfig, kv_spec, config) -> QuantLinear:
+    leaf = name.rsplit(".", 1)[-1]
+    kv_out = kv_spec.enabled and qcfg.kv_position == "pre_rope"
+    out_spec = kv_spec if kv_out and leaf in ("k_proj", "v_proj") else None
+    new = QuantLinear.from_linear(linear, weight_spec=qcfg.weight_spec(), act_spec=qcfg.act_spec(),
+                                  output_spec=out_spec)
+    if kv_out and leaf == "qkv_proj":
+        head_dim = head_dim_of(config)
+        q_size, kv_size = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        if linear.out_features != q_size + 2 * kv_size:
+            raise UserError(f"{name} has {linear.out_features} outputs, not Q + K + V = {q_size + 2 * kv_size}")
+        new.output_quantizer = KVSliceQuantizer(kv_spec, q_size, kv_size)
+    return new
+
+
 def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
     """Fake-quantize a stock HF causal LM in place (see module docstring) and return it.
 
-    Calling it again replaces the previous quantization. With all bits at 16 the logits equal the
-    stock model's exactly.
+    Calling it again replaces the previous quantization; at 16 bits the logits equal stock HF's.
 
     Raises:
-        ValueError: no target linear found, or a group size that does not divide in_features.
+        UserError: a decoder layer lacks a target projection, kv_bits < 16 but K/V of some layer
+            cannot be quantized, no target at all, or a group size that does not divide in_features.
     """
     if not isinstance(qcfg, QuantConfig):
         raise TypeError(f"quantize_model expects a QuantConfig, got {type(qcfg).__name__}")
     dequantize_model(model)
     config = model.config
     kv_spec = qcfg.kv_spec(head_dim_of(config))
-    kv_on_outputs = qcfg.kv_position == "pre_rope"
-
-    def make(name: str, linear: nn.Linear) -> QuantLinear:
-        leaf = name.rsplit(".", 1)[-1]
-        out_spec = kv_spec if kv_on_outputs and leaf in ("k_proj", "v_proj") else None
-        return QuantLinear.from_linear(linear, weight_spec=qcfg.weight_spec(), act_spec=qcfg.act_spec(),
-                                       output_spec=out_spec)
-
-    count = patch_linears(model, make, lambda n, m: _is_target(n, m, qcfg.targets))
-    if count == 0:
+    chosen = set(_plan(model, qcfg, kv_spec.enabled))
+    if not chosen:
         raise UserError(f"no linear named one of {qcfg.targets} in {type(model).__name__}")
+    patch_linears(model, lambda n, m: _make_quant_linear(n, m, qcfg, kv_spec, config), lambda n, m: n in chosen)
     if qcfg.kv_position == "post_rope" and kv_spec.enabled:
         for attn in _attention_modules(model):
             attn.k_quantizer = FakeQuantizer(kv_spec)
@@ -129,9 +241,35 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
         _set_attn_implementation(model, _register_post_rope_attention(base))
     setattr(config, CONFIG_ATTR, qcfg.to_dict())
     model.llmqat_quant_config = qcfg
-    logger.info("quantized %d linears of %s at %s (kv %s)", count, type(model).__name__, qcfg.tag(),
-                qcfg.kv_position)
+    logger.info("quantized %s of %s at %s (kv %s): coverage %s", qcfg.targets, type(model).__name__, qcfg.tag(),
+                qcfg.kv_position, quant_coverage(model))
     return model
+
+
+def _on(quantizer) -> bool:
+    return isinstance(quantizer, FakeQuantizer) and quantizer.spec.enabled
+
+
+def _kv_quantized(attn: nn.Module, post_rope_active: bool) -> bool:
+    if post_rope_active and _on(getattr(attn, "k_quantizer", None)) and _on(getattr(attn, "v_quantizer", None)):
+        return True
+    outs = [getattr(getattr(attn, p, None), "output_quantizer", None) for p in ("k_proj", "v_proj", "qkv_proj")]
+    if isinstance(outs[2], KVSliceQuantizer):
+        outs = [outs[2].k_quantizer, outs[2].v_quantizer]
+    return _on(outs[0]) and _on(outs[1])
+
+
+def quant_coverage(model: nn.Module) -> dict:
+    """{"linears": [quantized, total], "kv_layers": [quantized, total]} over the decoder layers; a
+    linear counts as quantized when its weight or its input is fake-quantized (the spec, so a
+    folded weight or a disabled quantizer still counts), a layer when both its K and V are."""
+    layers = [layer for _, layer in decoder_layers(model)]
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    quantized = sum(isinstance(m, QuantLinear) and (_on(m.weight_quantizer) or _on(m.act_quantizer)) for m in linears)
+    post = (getattr(model.config, "_attn_implementation", None) or "").startswith(_ATTN_PREFIX)
+    attns = [a for a in map(_layer_attention, layers) if a is not None]
+    kv = sum(_kv_quantized(a, post) for a in attns)
+    return {"linears": [quantized, len(linears)], "kv_layers": [kv, len(attns)]}
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

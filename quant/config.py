@@ -61,6 +61,8 @@ class QuantSpec:
         ste_clip: zero the gradient where |x| >= 2, as the original LLM-QAT code does.
         format: "minmax", or a GGUF format ("gguf_q4_0" / "gguf_q8_0"), which needs its own bits,
             symmetric=True and per_group granularity with group_size 32.
+        fast_math: MinMax arithmetic in float32 for float32 inputs instead of float64 (see
+            quant/fake_quant.py: not bit-identical to the float64 path; export follows the spec).
     """
 
     bits: int = 16
@@ -69,6 +71,7 @@ class QuantSpec:
     group_size: Optional[int] = None
     ste_clip: bool = False
     format: str = "minmax"
+    fast_math: bool = False
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -114,6 +117,8 @@ class QuantConfig:
         weight_format: grid of the weight quantizer; "minmax" is the paper's, "gguf_q4_0" /
             "gguf_q8_0" are llama.cpp's Q4_0 / Q8_0 (see the module docstring).
         targets: names of the decoder linears to quantize.
+        fast_math: run the MinMax fake-quant arithmetic of float32 tensors in float32 instead of
+            float64 (for GPUs with slow float64; quant/fake_quant.py states the difference).
     """
 
     w_bits: int = 16
@@ -130,6 +135,7 @@ class QuantConfig:
     ste_clip: bool = False
     weight_format: str = "minmax"
     targets: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    fast_math: bool = False
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -162,16 +168,19 @@ class QuantConfig:
     def weight_spec(self) -> QuantSpec:
         if self.weight_format in GGUF_FORMATS:
             return QuantSpec(self.w_bits, True, "per_group", GGUF_BLOCK_SIZE, self.ste_clip, self.weight_format)
-        return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.ste_clip)
+        return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.ste_clip,
+                         fast_math=self.fast_math)
 
     def act_spec(self) -> QuantSpec:
-        return QuantSpec(self.a_bits, self.a_symmetric, self.a_granularity, None, self.ste_clip)
+        return QuantSpec(self.a_bits, self.a_symmetric, self.a_granularity, None, self.ste_clip,
+                         fast_math=self.fast_math)
 
     def kv_spec(self, head_dim: Optional[int] = None) -> QuantSpec:
         """Spec for K/V laid out [..., T, KV_HEADS * D]; per_head becomes groups of `head_dim`."""
         if self.kv_granularity == "per_head":
-            return QuantSpec(self.kv_bits, self.kv_symmetric, "per_group", head_dim, self.ste_clip)
-        return QuantSpec(self.kv_bits, self.kv_symmetric, "per_token", None, self.ste_clip)
+            return QuantSpec(self.kv_bits, self.kv_symmetric, "per_group", head_dim, self.ste_clip,
+                             fast_math=self.fast_math)
+        return QuantSpec(self.kv_bits, self.kv_symmetric, "per_token", None, self.ste_clip, fast_math=self.fast_math)
 
     @property
     def enabled(self) -> bool:

@@ -12,7 +12,11 @@ half-split pairs, GGUF interleaved ones), as convert_hf_to_gguf.py's `LlamaModel
 are whole 32-blocks, so permuting them commutes with quantizing. Metadata: general.architecture =
 llama, llama.* hyperparameters, and tokenizer.ggml.* either copied from an existing GGUF
 (`tokenizer_from`, e.g. the SmolLM2 file) or built from a gpt2-style byte-level BPE HF tokenizer.
-The file is written to a temporary name and renamed, so a failure leaves no partial file.
+The file is written to a temporary name and renamed, so a failure leaves no partial file; it
+carries `llmqat.exporter`, and an existing file is replaced only if it has that key (a GGUF this
+project wrote), never someone else's model. The token list has exactly one entry per embedding row:
+a smaller HF vocabulary is padded with unused `[PAD<i>]` tokens (as llama.cpp's convert_hf_to_gguf.py
+does), a larger one, or a copied (`tokenizer_from`) list of another length, is refused.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from quant.linear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
+MARKER_KEY, MARKER = "llmqat.exporter", "llm-qat quant/export_gguf.py"  # how we recognise our own files
 WEIGHT_TYPES = ("q4_0", "q8_0", "f16", "f32")
 EMBED_TYPES = ("q8_0", "f16", "f32")
 
@@ -168,9 +173,32 @@ def add_hparams(writer, config, weight_type: str, name: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def copy_tokenizer_metadata(writer, source: Union[str, Path]) -> None:
-    """Copy every tokenizer.* key of an existing GGUF file (same vocabulary) into `writer`."""
+def check_gguf_replaceable(path: Union[str, Path]) -> None:
+    """Raise unless `path` is absent or a GGUF file this writer made (it has MARKER_KEY)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        ours = path.is_file() and MARKER_KEY in gguf.GGUFReader(path).fields
+    except Exception:  # any failure to parse it: not a GGUF at all, so not ours
+        ours = False
+    if not ours:
+        raise UserError(f"{path} exists and was not written by llm-qat's GGUF export: choose another output, "
+                        "or delete it")
+
+
+def copy_tokenizer_metadata(writer, source: Union[str, Path], rows: Optional[int] = None) -> None:
+    """Copy every tokenizer.* key of an existing GGUF file (same vocabulary) into `writer`.
+
+    Raises:
+        UserError: its token list does not have `rows` entries (one per embedding row).
+    """
     reader = gguf.GGUFReader(source)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if rows is not None and (tokens is None or len(tokens.data) != rows):
+        raise UserError(f"tokenizer_from={source} has {len(tokens.data) if tokens else 0} tokens, the model's "
+                        f"embedding {rows} rows: use a GGUF with this model's vocabulary, or leave tokenizer_from "
+                        "empty to build it from the student's tokenizer")
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
@@ -194,10 +222,16 @@ def _tokenizer_json(tokenizer) -> dict:
 def add_hf_tokenizer(writer, tokenizer, vocab_size: int, pre: str = "gpt-2") -> None:
     """tokenizer.ggml.* of a gpt2-style byte-level BPE HF tokenizer (model "gpt2", merges, types).
 
-    Ids the tokenizer lacks up to the model's vocab_size become unused [PAD<i>] tokens.
+    Ids the tokenizer lacks up to `vocab_size` (the embedding rows) become unused [PAD<i>] tokens.
+
+    Raises:
+        UserError: the tokenizer has ids at or beyond `vocab_size` (the model has no row for them).
     """
     merges = _tokenizer_json(tokenizer)["model"]["merges"]
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if by_id and max(by_id) >= vocab_size:
+        raise UserError(f"the tokenizer has ids up to {max(by_id)} but the model's embedding only {vocab_size} rows: "
+                        "its vocabulary does not belong to this model")
     specials = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
     added = set(tokenizer.added_tokens_decoder)
     tokens, types = [], []
@@ -235,18 +269,21 @@ def write_gguf(model: nn.Module, tokenizer, path: Union[str, Path], weight_type:
         embed_type: token_embd (and an untied output) tensor type: q8_0, f16 or f32.
         tokenizer_from: a .gguf whose tokenizer.* metadata to copy; default: build from `tokenizer`.
     Raises:
-        ValueError / NotImplementedError: unknown type, or a model / tokenizer the writer does not cover.
+        UserError: unknown type, a model / tokenizer the writer does not cover, a vocabulary that does
+            not match the embedding, or an existing `path` this writer did not make.
     """
     check_exportable(model, weight_type, embed_type)
     path = Path(path)
+    check_gguf_replaceable(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
         add_hparams(writer, model.config, weight_type, name)
+        writer.add_string(MARKER_KEY, MARKER)
         if tokenizer_from:
-            copy_tokenizer_metadata(writer, tokenizer_from)
+            copy_tokenizer_metadata(writer, tokenizer_from, model.get_input_embeddings().weight.shape[0])
         else:
-            add_hf_tokenizer(writer, tokenizer, model.config.vocab_size)
+            add_hf_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
         for tensor_name, data, kind in gguf_tensors(model, weight_type, embed_type):
             raw = _ggml_type(kind) if kind in ("q4_0", "q8_0") else None
             writer.add_tensor(tensor_name, data, raw_dtype=raw)

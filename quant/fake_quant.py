@@ -9,10 +9,18 @@ Symmetric (the paper's MinMax): scale = max|slice| / (2^(b-1) - 1), q in [-(2^(b
 Asymmetric: scale = (max - min) / (2^b - 1), z = round(-min / scale), q in [0, 2^b - 1].
 An all-zero slice gets scale 1, so it quantizes to zeros, never NaN.
 
-Arithmetic runs in float64 for float32/float64 inputs (float32 for half types) and the result is
-cast back: the float64 product q * scale rounds back to the input's exact maximum, so the element of
-largest magnitude is reproduced exactly and export (which calls these same functions) matches
-fake-quant bit for bit.
+Arithmetic dtype (`compute_dtype`): float64 for float32/float64 inputs, float32 for bfloat16 /
+float16 inputs; the result is cast back to the input dtype. In float64 the product q * scale rounds
+back to a float32 input's exact maximum, so the element of largest magnitude is reproduced exactly.
+Half inputs: float32 arithmetic is far finer than their grid, so the maximum is reproduced too and
+the result equals the float32 path's on the upcast input, cast down, except at rare .5 ties where
+the code moves by one step (tests/quant/test_fake_quant.py).
+`spec.fast_math` runs float32 inputs in float32 (GPUs whose float64 is slow): scale and products
+then round in float32, so outputs differ from the float64 path by at most one float32 ulp
+(two for asymmetric grids, whose zero point adds a rounding), except
+where x / scale falls within rounding of a .5 tie and the code itself moves by one step (rare;
+benchmarks/bench_quant.py reports the measured share). Either way export calls these same
+functions with the same spec, so exported weights equal the fake-quant ones bit for bit.
 
 Weight formats "gguf_q4_0" / "gguf_q8_0" (`spec.format`) swap the MinMax grid for llama.cpp's
 (`quant/gguf_formats.py`, float32 arithmetic); `quantize_codes` dispatches, the STE is shared.
@@ -33,9 +41,11 @@ from quant.gguf_formats import CODE_RANGES, gguf_quantize_codes
 STE_CLIP_VAL = 2.0
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype quantization arithmetic runs in for inputs of `dtype`."""
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+def compute_dtype(dtype: torch.dtype, fast_math: bool = False) -> torch.dtype:
+    """The dtype quantization arithmetic runs in for inputs of `dtype` (see the module docstring)."""
+    if dtype == torch.float64 or (dtype == torch.float32 and not fast_math):
+        return torch.float64
+    return torch.float32
 
 
 def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -107,7 +117,7 @@ def quantize_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     """
     if spec.format in GGUF_FORMATS:
         return gguf_quantize_codes(x, spec.format)
-    xg = group_view(x.to(compute_dtype(x.dtype)), spec.granularity, spec.group_size)
+    xg = group_view(x.to(compute_dtype(x.dtype, spec.fast_math)), spec.granularity, spec.group_size)
     scale, zero_point = compute_qparams(xg, spec.bits, spec.symmetric)
     return quantize(xg, scale, zero_point, *int_range(spec.bits, spec.symmetric)), scale, zero_point
 
@@ -124,7 +134,7 @@ def _symmetric_minmax_qdq(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     qmax = 2 ** (spec.bits - 1) - 1
     xg = group_view(x, spec.granularity, spec.group_size)
     max_abs = torch.maximum(xg.amin(dim=-1, keepdim=True).neg_(), xg.amax(dim=-1, keepdim=True))
-    scale = max_abs.to(compute_dtype(x.dtype)).div_(qmax)
+    scale = max_abs.to(compute_dtype(x.dtype, spec.fast_math)).div_(qmax)
     scale.masked_fill_(scale == 0, 1.0)
     q = group_view(x.to(scale.dtype, copy=True), spec.granularity, spec.group_size)
     return q.div_(scale).round_().clamp_(-qmax, qmax).mul_(scale).reshape(x.shape).to(x.dtype)

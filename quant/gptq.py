@@ -8,6 +8,13 @@ then each weight is rounded column by column, the rounding error of a column bei
 columns not yet rounded through the Cholesky factor of H^-1 (blocks of `block_size`, dampening
 `percdamp * mean(diag H)`, optional act-order: columns by decreasing diag H).
 
+Within a layer, `true_sequential=True` (the default) rounds the linears in the order of the
+reference implementation's `--true-sequential` (IST-DASLab/gptq `llama.py`, AutoGPTQ's default):
+q/k/v, then o, then gate/up, then down, re-collecting each group's Hessians with the earlier groups
+already rounded, so each sublayer compensates the error of those before it. Target linears outside
+these four groups are rounded last, together. `true_sequential=False` collects all Hessians of a
+layer in one pass from its full-precision sublayers (cheaper: 2 layer passes instead of 5).
+
 The grid is the weight quantizer's (`QuantConfig.weight_spec()`: per_channel / per_group /
 per_tensor MinMax), with scales from the original weights. Our quantizer recomputes its scale from
 the weights it sees, so the element that sets each slice's scale (its max |w|; min and max when
@@ -146,10 +153,37 @@ def _run_layer(layer, inputs: list) -> list:
     return outs
 
 
+SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def sequential_groups(linears: dict, true_sequential: bool) -> list:
+    """{name: linear} of one layer -> the groups rounded in turn (see the module docstring)."""
+    if not true_sequential:
+        return [linears]
+    leaf = lambda name: name.rsplit(".", 1)[-1]  # noqa: E731
+    groups = [{n: m for n, m in linears.items() if leaf(n) in names} for names in SEQUENTIAL_GROUPS]
+    rest = {n: m for n, m in linears.items() if not any(leaf(n) in names for names in SEQUENTIAL_GROUPS)}
+    return [g for g in groups + [rest] if g]
+
+
+def _round_group(layer, inputs: list, group: dict, spec: QuantSpec, block_size, percdamp, act_order) -> None:
+    """Collect the Hessians of `group`'s inputs over one layer pass, then GPTQ-round its weights."""
+    hooks = {n: _HessianHook(m.in_features) for n, m in group.items()}
+    handles = [group[n].register_forward_hook(hooks[n]) for n in group]
+    try:
+        _run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, linear in group.items():
+        linear.weight.data = gptq_quantize_weight(linear.weight.data, hooks[name].h, spec, block_size,
+                                                  percdamp, act_order)
+
+
 @torch.no_grad()
 def gptq_model(model: nn.Module, qcfg: QuantConfig, calib_ids: torch.Tensor, block_size: int = 128,
                percdamp: float = 0.01, act_order: bool = False, batch_size: int = 8,
-               progress: bool = True) -> nn.Module:
+               progress: bool = True, true_sequential: bool = True) -> nn.Module:
     """GPTQ-round every target linear of a plain (unpatched) HF decoder model in place (`progress`: a tqdm bar)."""
     spec = qcfg.weight_spec()
     if not spec.enabled:
@@ -160,14 +194,9 @@ def gptq_model(model: nn.Module, qcfg: QuantConfig, calib_ids: torch.Tensor, blo
         layer = layers[index]
         linears = {n: m for n, m in layer.named_modules()
                    if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in qcfg.targets}
-        hooks = {n: _HessianHook(m.in_features) for n, m in linears.items()}
-        handles = [linears[n].register_forward_hook(hooks[n]) for n in linears]
-        _run_layer(layer, inputs)
-        for handle in handles:
-            handle.remove()
-        for name, linear in linears.items():
-            linear.weight.data = gptq_quantize_weight(linear.weight.data, hooks[name].h, spec, block_size,
-                                                      percdamp, act_order)
+        for group in sequential_groups(linears, true_sequential):
+            _round_group(layer, inputs, group, spec, block_size, percdamp, act_order)
         inputs = _run_layer(layer, inputs)  # the next layer sees this layer's quantized outputs
-    logger.info("GPTQ rounded %d layers at w_bits=%d (%s)", len(layers), spec.bits, spec.granularity)
+    logger.info("GPTQ rounded %d layers at w_bits=%d (%s, %s)", len(layers), spec.bits, spec.granularity,
+                "true-sequential" if true_sequential else "one pass per layer")
     return model

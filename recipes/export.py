@@ -1,7 +1,8 @@
-"""Export a fake-quant student folder to a deployable artifact: packed safetensors or GGUF.
+"""Export a fake-quant student folder to a deployable artifact: packed safetensors, GGUF or compressed-tensors.
 
     python export.py student=runs/w4a8kv8/student format=packed output=exports/w4-packed
     python export.py student=runs/q4_0/student format=gguf_q4_0 output=exports/student.Q4_0.gguf
+    python export.py student=runs/w4/student format=compressed_tensors output=exports/w4-ct   # vLLM
 
 All settings: `ExportConfig` below, `key=value`. The conversion itself is models/convert.py.
 The student folder must hold a `quant_config.json` (written by models.save_model / train.py): it
@@ -17,15 +18,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.convert import convert, read_packed_config
+from models.convert import check_replaceable, convert, read_packed_config
 from models.loading import DTYPES, QUANT_CONFIG_FILE, load_model, read_quant_config, resolve_model, to_dtype
+from quant import compressed_tensors as ct
 from quant.config import GGUF_FORMATS, QuantConfig, is_off
 from quant.errors import InputFileError, UserError
-from quant.export_gguf import EMBED_TYPES
+from quant.export_gguf import EMBED_TYPES, check_gguf_replaceable
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("packed", *GGUF_FORMATS)
+EXPORT_FORMATS = ("packed", *GGUF_FORMATS, "compressed_tensors")
 
 
 @dataclass
@@ -33,11 +35,12 @@ class ExportConfig:
     """Args:
         student: folder of a fake-quant student (HF folder + quant_config.json).
         format: packed (int4/int8 safetensors + scales, reloaded by models.convert.load_packed),
-            gguf_q4_0 or gguf_q8_0 (llama.cpp).
-        output: a folder for packed, a .gguf file for the GGUF formats.
+            gguf_q4_0 or gguf_q8_0 (llama.cpp), compressed_tensors (vLLM / transformers; W4A16, W8A16
+            per channel or group, W8A8 per channel; quant/compressed_tensors.py).
+        output: a folder for packed and compressed_tensors, a .gguf file for the GGUF formats.
         dtype: dtype the student is loaded in (its fake-quant arithmetic follows it).
-        dense_dtype: packed: dtype of the unquantized tensors; "auto" keeps `dtype` (bit-exact
-            logits), bfloat16 halves them.
+        dense_dtype: packed, compressed_tensors: dtype of the unquantized tensors; "auto" keeps
+            `dtype` (packed: bit-exact logits), bfloat16 halves them.
         embed_type: GGUF: type of token_embd / an untied output tensor: q8_0, f16 or f32.
         tokenizer_from: GGUF: a .gguf file or alias (smollm2-135m) whose tokenizer metadata to
             copy; empty builds it from the student's HF tokenizer (gpt2-style byte-level BPE).
@@ -81,6 +84,9 @@ def check_student(student: str, fmt: str) -> QuantConfig:
     if fmt in GGUF_FORMATS and qcfg.w_bits > GGUF_FORMATS[fmt]:
         raise UserError(f"format={fmt} holds {GGUF_FORMATS[fmt]}-bit weights; the student has w_bits={qcfg.w_bits} "
                          f"(unsupported bit width for this format)")
+    if fmt == "compressed_tensors" and ct.unsupported_reason(qcfg):
+        raise UserError(f"format=compressed_tensors cannot hold the student ({qcfg.tag()}): "
+                         f"{ct.unsupported_reason(qcfg)}")
     return qcfg
 
 
@@ -94,8 +100,10 @@ def check_output(output: str, fmt: str) -> Path:
     if path.exists():
         if fmt == "packed" and path.is_dir() and any(path.iterdir()):
             read_packed_config(path)  # raises unless it is a previous packed export
-        elif fmt in GGUF_FORMATS and not path.is_file():
-            raise UserError(f"output={output!r} exists and is not a file")
+        elif fmt in GGUF_FORMATS:
+            check_gguf_replaceable(path)  # raises unless it is a GGUF this project wrote
+        elif fmt == "compressed_tensors":
+            check_replaceable(path, ct.QUANT_METHOD)  # raises unless it is a previous compressed-tensors export
     return path
 
 
@@ -134,9 +142,15 @@ def run(cfg: ExportConfig) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     if cfg.format == "packed":
         _write_packed(model, tokenizer, path, cfg.dense_dtype)
+    elif cfg.format == "compressed_tensors":
+        dense_dtype = None if cfg.dense_dtype == "auto" else to_dtype(cfg.dense_dtype)
+        convert(model, cfg.format, tokenizer, path, dense_dtype=dense_dtype)
     else:
         convert(model, cfg.format, tokenizer, path, embed_type=cfg.embed_type, tokenizer_from=tokenizer_from,
                 name=Path(cfg.student).name)
     size = artifact_bytes(path)
     logger.info("wrote %s: %.1f MB", path, size / 1e6)
-    return {"output": str(path), "format": cfg.format, "bytes": size}
+    result = {"output": str(path), "format": cfg.format, "bytes": size}
+    if cfg.format == "compressed_tensors":  # what the artifact leaves out (KV quantization), also logged
+        result["warnings"] = [note for note in (ct.kv_cache_note(qcfg),) if note]
+    return result

@@ -7,12 +7,19 @@ fed alone (no BOS); for each total greedy length j (default 3, 4, 5) the first j
 sequence (start token included) are top-1, the rest are sampled from the softmax (top_k 50, T 1.0:
 Hugging Face `generate`'s defaults then) until EOS or `max_length` tokens in total.
 
+Start ids (`start_ids`): `random` (the default, the paper's text: the first token is sampled at
+random) takes each shard's `n_vocab` ids from one seeded random order of the usable vocabulary (no
+special or added tokens), the same order in every process, so shards partition it and any number of
+shards covers it uniformly; `walk` (the original code) gives shard i the ids [i * n_vocab, (i + 1) *
+n_vocab). A saved student generates from its full-precision weights unless `quantized=true`.
+
 The decoding engine (slot KV cache, continuous batching, per-record seeds) is utils/data/generation.py;
 shard files and their metadata are utils/data/shards.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -23,11 +30,15 @@ from typing import List, Optional
 import torch
 from tqdm import tqdm
 
-from models import load_model
+from models import get_quant_config, load_model, model_fingerprint
+from models.convert import convert
+from models.loading import check_attn_implementation as check_offered
 from quant.errors import UserError
-from utils.data.generation import Sampling, generate_sequences
+from utils.config import to_dict
+from utils.data.generation import Sampling, generate_sequences, mask_dtype
 from utils.data.shards import ShardWriter, check_meta, done_keys, read_meta, repair_shard, shard_path, write_meta
 from utils.logging import progress_disabled
+from utils.provenance import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +48,7 @@ class GenerateConfig:
     """Settings of `generate_data.py`.
 
     Args:
-        shard: which `n_vocab` consecutive start ids to use; None: $RANK, else $SLURM_PROCID, else 0.
+        shard: which `n_vocab` start ids (of the `start_ids` order) to use; None: $RANK, else $SLURM_PROCID, else 0.
         n_vocab: start ids per shard (the original: 500 x 64 shards = LLaMA's 32k vocabulary).
         greedy_lengths: total greedy lengths j (start token included).
         max_length: total tokens per sequence, start token included (HF `max_length`).
@@ -45,6 +56,10 @@ class GenerateConfig:
         eos_ids: tokens that end a sequence; None: the model's generation_config (what HF generate uses).
         device: "auto" (cuda:$LOCAL_RANK if CUDA is available, else cpu), or a torch device.
         num_threads: CPU threads for torch (0: torch's default).
+        start_ids: "random" (a seeded random order of the usable vocabulary, the paper's text) or
+            "walk" (consecutive ids, the original code); see the module docstring.
+        attn_implementation: eager / sdpa (what the slot-cache decoder serves); None: transformers' default.
+        quantized: generate from a saved student's fake-quantized model instead of its full-precision weights.
     """
 
     model: str = "smollm2-135m"
@@ -62,6 +77,9 @@ class GenerateConfig:
     dtype: str = "float32"
     device: str = "auto"
     num_threads: int = 0
+    start_ids: str = "random"
+    attn_implementation: Optional[str] = None
+    quantized: bool = False
 
     def __post_init__(self):
         checks = [(self.n_vocab >= 1, "n_vocab must be >= 1"), (self.max_length >= 2, "max_length must be >= 2"),
@@ -69,12 +87,32 @@ class GenerateConfig:
                   (self.top_k >= 0, "top_k must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
                   (len(self.greedy_lengths) > 0, "greedy_lengths must not be empty"),
                   (self.shard is None or self.shard >= 0, "shard must be >= 0"),
-                  (self.num_threads >= 0, "num_threads must be >= 0")]
+                  (self.num_threads >= 0, "num_threads must be >= 0"),
+                  (self.start_ids in START_IDS, f"start_ids must be one of {'|'.join(START_IDS)}")]
         checks += [(1 <= j <= self.max_length, f"greedy_lengths: {j} is not in [1, max_length={self.max_length}]")
                    for j in self.greedy_lengths]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        check_attn_implementation(self.attn_implementation)
+
+
+START_IDS = ("random", "walk")
+# Keys that do not decide a shard's records, or differ between the shards of one run: left out of
+# the provenance config (the merger compares it across shards) and recorded under "runtime".
+RUNTIME_KEYS = ("shard", "out_dir", "batch_size", "device", "num_threads", "attn_implementation")
+
+
+def check_attn_implementation(name: Optional[str]) -> None:
+    """Refuse a name transformers does not offer, or one the slot-cache decoder cannot serve.
+
+    Raises:
+        UserError: naming the key and the accepted values.
+    """
+    if name is None:
+        return
+    check_offered(name)
+    mask_dtype(name, torch.float32)
 
 
 def resolve_shard(shard: Optional[int]) -> int:
@@ -100,19 +138,32 @@ def skipped_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
 
 
-def shard_jobs(shard: int, n_vocab: int, greedy_lengths: List[int], vocab_size: int,
-               skip: set = frozenset()) -> list[tuple[int, int]]:
-    """(start_id, greedy_len) owned by `shard`: ids [shard * n_vocab, (shard + 1) * n_vocab) of the
-    vocabulary minus `skip`, for each greedy length (greedy length outer, as the original loops).
+def start_order(vocab_size: int, skip: set, start_ids: str, seed: int) -> list[int]:
+    """The ids in the order shards take them (shard i: positions [i * n_vocab, (i + 1) * n_vocab)).
+
+    walk: every id ascending (skipped ids are dropped from a shard's slice later, as the original
+    does); random: the usable ids (not in `skip`) ordered by a hash of (seed, id), a seeded random
+    permutation that needs no shared state and is the same in every process and library version.
+    """
+    if start_ids == "walk":
+        return list(range(vocab_size))
+    usable = [i for i in range(vocab_size) if i not in skip]
+    return sorted(usable, key=lambda i: hashlib.sha256(f"start_ids:{seed}:{i}".encode()).digest())
+
+
+def shard_jobs(shard: int, n_vocab: int, greedy_lengths: List[int], vocab_size: int, skip: set, start_ids: str,
+               seed: int) -> list[tuple[int, int]]:
+    """(start_id, greedy_len) owned by `shard`: its `n_vocab` positions of `start_order` minus `skip`,
+    for each greedy length (greedy length outer, as the original loops).
 
     Raises:
-        ValueError: the shard starts past the end of the vocabulary.
+        UserError: the shard starts past the end of the vocabulary.
     """
-    first = shard * n_vocab
-    if first >= vocab_size:
-        raise UserError(f"shard {shard} starts at id {first}, past the vocabulary ({vocab_size} ids, "
-                         f"{-(-vocab_size // n_vocab)} shards of n_vocab={n_vocab})")
-    ids = [i for i in range(first, min(first + n_vocab, vocab_size)) if i not in skip]
+    order, first = start_order(vocab_size, skip, start_ids, seed), shard * n_vocab
+    if first >= len(order):
+        raise UserError(f"shard {shard} starts at start id number {first}, past the vocabulary ({len(order)} "
+                        f"{start_ids} start ids, {-(-len(order) // n_vocab)} shards of n_vocab={n_vocab})")
+    ids = [i for i in order[first:first + n_vocab] if i not in skip]
     return [(i, j) for j in greedy_lengths for i in ids]
 
 
@@ -132,12 +183,24 @@ def to_record(seq: dict, tokenizer) -> dict:
 
 def record_settings(cfg: GenerateConfig, shard: int, vocab_size: int, eos: list[int]) -> dict:
     """What decides a shard's records (batch_size, device and threads do not: see the README)."""
-    keys = ("model", "n_vocab", "greedy_lengths", "max_length", "temperature", "top_k", "top_p", "seed", "dtype")
+    keys = ("model", "n_vocab", "greedy_lengths", "max_length", "temperature", "top_k", "top_p", "seed", "dtype",
+            "start_ids", "quantized")
     return {**{k: getattr(cfg, k) for k in keys}, "shard": shard, "vocab_size": vocab_size, "eos_ids": eos}
 
 
+def shard_meta(cfg: GenerateConfig, shard: int, jobs: list, model, tokenizer, device) -> dict:
+    """What the shard's metadata records besides its settings (layout: utils/data/shards.py)."""
+    config = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
+    runtime = {"shard": shard, "batch_size": cfg.batch_size, "device": str(device), "num_threads": cfg.num_threads,
+               "attn_implementation": model.config._attn_implementation}
+    ids = list(dict.fromkeys(i for i, _ in jobs))
+    return {"provenance": provenance(config, inputs={"model": model_fingerprint(cfg.model)}, tokenizer=tokenizer,
+                                     device=device),
+            "start_ids": {"mode": cfg.start_ids, "ids": ids}, "runtime": runtime, "n_expected": len(jobs)}
+
+
 def is_complete(cfg: GenerateConfig) -> bool:
-    """The shard's metadata says complete and was made with these settings."""
+    """The shard's metadata says complete and was made with these settings from this model."""
     shard = resolve_shard(cfg.shard)
     path = shard_path(cfg.out_dir, shard)
     meta = read_meta(path) if path.is_file() else None
@@ -145,7 +208,28 @@ def is_complete(cfg: GenerateConfig) -> bool:
         return False
     old = meta.get("settings", {})
     eos = cfg.eos_ids if cfg.eos_ids is not None else old.get("eos_ids")
-    return record_settings(cfg, shard, old.get("vocab_size"), eos) == old
+    if record_settings(cfg, shard, old.get("vocab_size"), eos) != old:
+        return False
+    return (meta.get("provenance") or {}).get("inputs", {}).get("model") == model_fingerprint(cfg.model)
+
+
+def load_generator(cfg: GenerateConfig, device):
+    """The model that writes the data: a saved student's full-precision weights unless `quantized`.
+
+    Raises:
+        UserError: quantized=true on a model that is not a quantized student.
+    """
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device,
+                                  attn_implementation=cfg.attn_implementation)
+    qcfg = get_quant_config(model)
+    if cfg.quantized and qcfg is None:
+        raise UserError(f"quantized=true: {cfg.model} is not a quantized student (it has no quant config)")
+    if qcfg is not None and not cfg.quantized:
+        convert(model, "float")
+    weights = "full-precision" if not cfg.quantized else f"fake-quantized ({qcfg.tag()})"
+    logger.info("generating from the %s weights of %s (attention: %s)", weights, cfg.model,
+                model.config._attn_implementation)
+    return model.eval(), tokenizer
 
 
 def run(cfg: GenerateConfig) -> Path:
@@ -154,31 +238,39 @@ def run(cfg: GenerateConfig) -> Path:
         torch.set_num_threads(cfg.num_threads)
     shard, device = resolve_shard(cfg.shard), resolve_device(cfg.device)
     logger.info("config: %s", cfg)
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=device)
-    model.eval()
+    model, tokenizer = load_generator(cfg, device)
     vocab_size, eos = len(tokenizer), eos_ids_of(model, tokenizer, cfg.eos_ids)
-    jobs = shard_jobs(shard, cfg.n_vocab, cfg.greedy_lengths, vocab_size, skipped_ids(tokenizer))
+    jobs = shard_jobs(shard, cfg.n_vocab, cfg.greedy_lengths, vocab_size, skipped_ids(tokenizer), cfg.start_ids,
+                      cfg.seed)
     path = shard_path(cfg.out_dir, shard)
     repair_shard(path)
     done = done_keys(path)
-    settings = record_settings(cfg, shard, vocab_size, eos)
-    check_meta(path, settings, has_records=bool(done), n_expected=len(jobs), complete=False)
+    settings, meta = record_settings(cfg, shard, vocab_size, eos), shard_meta(cfg, shard, jobs, model, tokenizer,
+                                                                              device)
+    check_meta(path, settings, has_records=bool(done), complete=False, **meta)
     todo = [job for job in jobs if job not in done]
-    logger.info("shard %d -> %s: %d sequences, %d already written, %d to generate on %s (batch %d)",
-                shard, path, len(jobs), len(jobs) - len(todo), len(todo), device, cfg.batch_size)
+    logger.info("shard %d -> %s: %d sequences (%s start ids), %d already written, %d to generate on %s (batch %d)",
+                shard, path, len(jobs), cfg.start_ids, len(jobs) - len(todo), len(todo), device, cfg.batch_size)
+    start = time.perf_counter()
+    tokens = _write_records(model, tokenizer, cfg, todo, path, eos, total=len(jobs))
+    elapsed = time.perf_counter() - start
+    write_meta(path, settings, complete=True, **meta)
+    logger.info("shard %d done: %d new sequences, %d new tokens in %.1f s (%.1f tok/s)", shard, len(todo), tokens,
+                elapsed, tokens / max(elapsed, 1e-9))
+    return path
+
+
+def _write_records(model, tokenizer, cfg: GenerateConfig, todo: list, path: Path, eos: list, total: int) -> int:
+    """Generate the `todo` jobs into the shard file, one line each as it finishes; return new tokens."""
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     tokens, new, start = 0, 0, time.perf_counter()
-    with ShardWriter(path) as writer, tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="seq",
-                                           desc=f"shard {shard:02d}", disable=progress_disabled()) as bar:
+    with ShardWriter(path) as writer, tqdm(total=total, initial=total - len(todo), unit="seq",
+                                           desc=path.stem, disable=progress_disabled()) as bar:
         for seq in generate_sequences(model, todo, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                                      seed=cfg.seed, eos_ids=eos, sampling=sampling):
+                                      seed=cfg.seed, eos_ids=eos, sampling=sampling, vocab_limit=len(tokenizer)):
             writer.write(to_record(seq, tokenizer))
             tokens, new = tokens + len(seq["token_ids"]) - 1, new + 1
             elapsed = time.perf_counter() - start
             bar.set_postfix(seq_s=f"{new / elapsed:.2f}", tok_s=f"{tokens / elapsed:.1f}", refresh=False)
             bar.update(1)
-    elapsed = time.perf_counter() - start
-    write_meta(path, settings, n_expected=len(jobs), complete=True)
-    logger.info("shard %d done: %d new sequences, %d new tokens in %.1f s (%.1f tok/s)", shard, len(todo), tokens,
-                elapsed, tokens / max(elapsed, 1e-9))
-    return path
+    return tokens

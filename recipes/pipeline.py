@@ -19,8 +19,9 @@ paths, shard, quant); giving one of them is an error.
 
 Skip / resume: each stage's recipe says whether its outputs are already valid: a shard whose
 metadata says complete with the same settings (`recipes.generate.is_complete`; an unfinished
-shard resumes), an `all_gen.jsonl` newer than every shard (`recipes.merge.is_current`), a student
-trained with this run's exact train config after the data was written (`recipes.train.is_trained`),
+shard resumes), an `all_gen.jsonl` whose provenance names exactly these shards' contents
+(`recipes.merge.is_current`), a student whose provenance has this run's train config and the same
+model and data fingerprints (`recipes.train.is_trained`),
 an evaluation whose results JSON holds every task under the same key: evaluation settings and the
 model's content fingerprint (recipes/evaluate.py, utils/eval/cache.py). The report is rebuilt
 every run (seconds). Evaluation data are probed first: a task whose data cannot
@@ -195,7 +196,7 @@ def stage_merge(cfg: PipelineConfig, p: Paths, clock: StageClock) -> None:
     mcfg = merge_config(cfg, p)
     with clock.stage("merge", f"{p.gen_dir}/gen.chunk.*.jsonl -> {p.data}") as stage:
         if merge.is_current(mcfg):
-            stage.skip(f"{p.data} is newer than every shard")
+            stage.skip(f"{p.data} was merged from these shards (provenance)")
             return
         logger.info("the pipeline uses shards 0..%d only: 'missing shards' counts the whole vocabulary",
                     cfg.shards - 1)
@@ -207,7 +208,7 @@ def stage_train(cfg: PipelineConfig, p: Paths, clock: StageClock) -> dict:
     with clock.stage("train", f"QAT {cfg.quant.tag()} by distillation, {tcfg.max_steps} steps x "
                               f"{tcfg.model_max_length} tokens -> {p.student}") as stage:
         if train.is_trained(tcfg):
-            stage.skip(f"{p.student} is trained with this config after the data was written")
+            stage.skip(f"{p.student} was trained with this config on this data (provenance)")
         else:
             train.run(tcfg)
     return json.loads((p.train_dir / "train_metrics.json").read_text())
@@ -238,7 +239,7 @@ def report_notes(cfg: PipelineConfig, skipped: dict, train_metrics: dict) -> lis
             f"(final KD loss {train_metrics.get('final_kd', float('nan')):.4f}).",
             f"Zero-shot: {_first(e.limit)} examples per task, accuracy in %, acc_norm where defined. "
             f"Perplexity (WikiText-2 test): {_first(e.ppl_limit if e.ppl_limit is not None else e.limit)} windows "
-            f"of {e.seqlen} tokens. recovered % = (QAT - RTN) / (FP - RTN).",
+            f"of {e.seqlen} tokens. recovered % = (QAT - RTN) / (FP - RTN), with its paired 95 % interval.",
             *[f"Skipped (no evaluation data): {t}: {why}" for t, why in skipped.items()]]
 
 

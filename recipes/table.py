@@ -13,6 +13,13 @@ from given student folders, at their saved setting. Accuracy per task: acc_norm 
 defines it (`prefer_acc_norm`), else acc. "recovered %" of a QAT / SmoothQuant / GPTQ row =
 (row - RTN) / (FP - RTN) at the same setting (utils/eval/report.py). SmoothQuant rows are only made
 where activations are quantized (A < 16).
+
+Row labels say what made each row (`row_label`): a PTQ row its calibration source and the method's
+choices ("GPTQ (data-free)", "GPTQ (wikitext2, act-order)", "SmoothQuant (data-free, alpha=0.8
+(auto))", "+down" for SmoothQuant's down_proj variant), a QAT row its straight-through estimator
+("QAT (run, identity STE)" or "QAT (run, ste_clip)"). Two rows of one method (e.g. GPTQ calibrated
+on generated text and on WikiText-2) come from a named variant: `ptq_overrides: {gptq_wikitext2:
+{method: gptq, calib: wikitext2}}` with `methods=[..., gptq, gptq_wikitext2]`.
 """
 
 from __future__ import annotations
@@ -55,7 +62,8 @@ class TableConfig:
     only_cached: leave out (with a log line) every row not yet in the cache instead of computing it.
     quant: base grid of the settings (granularity, kv_position, ...); bits come from `settings`.
     eval, ptq: evaluate.py's and quantize_ptq.py's schemas; `WIRED` fields are set per row.
-    ptq_overrides: method -> PTQ keys that differ for that method, e.g. {gptq: {calib: wikitext2}}.
+    ptq_overrides: method -> PTQ keys that differ for that method, e.g. {gptq: {calib: wikitext2}};
+        a key that is not a method names a variant row with its own `method`, listed in `methods`.
     """
 
     model: str = "smollm2-135m"
@@ -72,14 +80,15 @@ class TableConfig:
     ptq_overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
-        bad = [m for m in self.methods if m not in ("fp", *PTQ_METHODS)]
+        bad = [m for m in self.methods if m not in ("fp", *PTQ_METHODS, *self.ptq_overrides)]
         if bad:
             raise UserError(f"unknown method(s) {bad}; use fp, rtn, smoothquant, gptq (QAT rows: qat=[folders])")
         for setting in self.settings:
             parse_setting(setting, self.quant)
         for method, keys in self.ptq_overrides.items():
-            if method not in PTQ_METHODS[1:]:
-                raise UserError(f"ptq_overrides.{method}: not a PTQ method with settings (use smoothquant, gptq)")
+            if base_method(self, method) not in PTQ_METHODS[1:]:
+                raise UserError(f"ptq_overrides.{method}: not a PTQ method with settings (use smoothquant, gptq, "
+                                f"or a variant name with `method: smoothquant|gptq`)")
             ptq_config(self, method, QuantConfig())  # validates the keys and values
         for section, names in WIRED.items():
             value, default = getattr(self, section), type(getattr(self, section))()
@@ -111,9 +120,25 @@ def row_results(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -> O
     return payload if payload is not None or cfg.only_cached else evaluate.run(ecfg)
 
 
+def base_method(cfg: TableConfig, method: str) -> str:
+    """The PTQ method of a `methods` entry: itself, or a variant's `ptq_overrides.<name>.method`."""
+    return str(cfg.ptq_overrides.get(method, {}).get("method", method))
+
+
+def row_label(method: str, qcfg: QuantConfig, pcfg: Optional[PTQConfig] = None, name: str = "",
+              meta: Optional[dict] = None) -> str:
+    """The table's name of a row: FP, RTN, "<PTQ method> (<ptq.label_notes>)" from the student's PTQ
+    config and metadata, or "QAT (<name>, <STE>)" from the student's quant config."""
+    if method == "qat":
+        return f"QAT ({name}, {'ste_clip' if qcfg.ste_clip else 'identity STE'})"
+    if pcfg is None or method in ("fp", "rtn"):
+        return "FP" if method == "fp" else LABELS[method]
+    return f"{LABELS[pcfg.method]} ({', '.join(ptq.label_notes(pcfg, meta))})"
+
+
 def ptq_config(cfg: TableConfig, method: str, qcfg: QuantConfig) -> PTQConfig:
     """`cfg.ptq` with this row's method, model and setting, and the method's `ptq_overrides`."""
-    pcfg = replace(cfg.ptq, method=method, model=cfg.model, quant=qcfg,
+    pcfg = replace(cfg.ptq, method=base_method(cfg, method), model=cfg.model, quant=qcfg,
                    data_dir=cfg.ptq.data_dir if cfg.ptq.data_dir is not None else cfg.eval.data_dir)
     return with_overrides(pcfg, cfg.ptq_overrides[method]) if method in cfg.ptq_overrides else pcfg
 
@@ -161,14 +186,15 @@ def _qat_rows(cfg: TableConfig, students: list, setting: Optional[str]) -> list:
             name = _student_name(folder)
             payload = row_results(cfg, f"qat-{name}-{qcfg.tag()}", folder, qcfg)
             if payload is not None:
-                rows.append(table_row(f"QAT ({name})", tag, payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))
+                label = row_label("qat", qcfg, name=name)
+                rows.append(table_row(label, tag, payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))
     return rows
 
 
 def _ptq_rows(cfg: TableConfig, setting: str) -> list:
     rows, qcfg = [], parse_setting(setting, cfg.quant)
     for method in (m for m in cfg.methods if m != "fp"):
-        if not applies(method, qcfg):
+        if not applies(base_method(cfg, method), qcfg):
             logger.info("%s does not apply at %s (activations not quantized): no row", method, setting)
             continue
         row = f"{method}-{qcfg.tag()}"
@@ -178,7 +204,9 @@ def _ptq_rows(cfg: TableConfig, setting: str) -> list:
             continue
         payload = row_results(cfg, row, model, qcfg)
         if payload is not None:
-            rows.append(table_row(LABELS[method], setting, payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))
+            pcfg = None if method == "rtn" else ptq_config(cfg, method, qcfg)
+            label = row_label(method, qcfg, pcfg, meta=None if pcfg is None else ptq.read_ptq_meta(model))
+            rows.append(table_row(label, setting, payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))
     return rows
 
 
@@ -186,7 +214,7 @@ def notes(cfg: TableConfig) -> list[str]:
     e = cfg.eval
     return [f"{cfg.model}; limit={e.limit} examples per task, ppl_limit={e.ppl_limit} windows, seqlen={e.seqlen}; "
             f"accuracy in %, {'acc_norm where defined' if cfg.prefer_acc_norm else 'acc'}; "
-            f"recovered % = (row - RTN) / (FP - RTN) at the same setting."]
+            f"recovered % = (row - RTN) / (FP - RTN) at the same setting, with its paired 95 % interval."]
 
 
 def run(cfg: TableConfig) -> list:

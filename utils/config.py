@@ -6,7 +6,9 @@
 * Defaults live only in the dataclasses; a YAML file in configs/ is an experiment (only the values it
   changes); the command line wins.
 * Unknown keys and wrong types are errors that name the key (`ConfigError`).
-* `config=path.yaml` on the command line picks another YAML file.
+* `config=path.yaml` on the command line picks another YAML file; `recipe=NAME` is short for
+  `config=configs/recipe_NAME.yaml` (e.g. `recipe=original`: the original LLM-QAT code's training
+  choices, docs/recipe.md), and is refused by a schema other than the one its header names.
 * Fields of the `quant` section may be given without their prefix: `w_bits=4` means
   `quant.w_bits=4` (the original scripts' and the issues' spelling).
 * The result is the dataclass instance itself (`OmegaConf.to_object`), so each dataclass's
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence, Type, TypeVar
@@ -79,6 +82,42 @@ def _config_errors():
         raise ConfigError(f"bad config value: {err}") from None
 
 
+def recipe_names() -> list[str]:
+    """NAME of every configs/recipe_NAME.yaml."""
+    return sorted(p.stem[len("recipe_"):] for p in (REPO_ROOT / "configs").glob("recipe_*.yaml"))
+
+
+def recipe_yaml(name: str, schema) -> str:
+    """configs/recipe_<name>.yaml, checked to exist and to be written for `schema`.
+
+    Raises:
+        ConfigError: an unknown recipe (naming the available ones), or one for another schema.
+    """
+    path = REPO_ROOT / "configs" / f"recipe_{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(recipe_names()) or 'none'}")
+    match = re.search(r"^# schema: ([\w.]+)\s*$", path.read_text(), re.M)
+    wanted = f"{schema.__module__}.{schema.__qualname__}"
+    if match and match.group(1) != wanted:
+        raise ConfigError(f"recipe={name} is a {match.group(1)} recipe ({path.name}); this command takes {wanted}")
+    return str(path)
+
+
+def _yaml_choice(schema, argv: list, default_yaml: Optional[str]) -> Optional[str]:
+    """Remove `config=` / `recipe=` from `argv` and return the YAML file they name (else `default_yaml`)."""
+    picked, keys = {}, ("config",) if "recipe" in _field_names(schema) else ("config", "recipe")
+    for item in list(argv):
+        key = item.split("=", 1)[0]
+        if key in keys and "=" in item:
+            picked[key] = item.split("=", 1)[1]
+            argv.remove(item)
+    if len(picked) == 2:
+        raise ConfigError("give either config=FILE or recipe=NAME, not both")
+    if "recipe" in picked:
+        return recipe_yaml(picked["recipe"], schema)
+    return picked.get("config", default_yaml)
+
+
 def load_config(schema: Type[T], argv: Sequence[str] = (), default_yaml: Optional[str] = None) -> T:
     """Build a validated `schema` instance from defaults, a YAML file and `key=value` overrides.
 
@@ -86,11 +125,7 @@ def load_config(schema: Type[T], argv: Sequence[str] = (), default_yaml: Optiona
         ConfigError: unknown key, wrong type, invalid value, malformed override or missing file.
     """
     argv = list(argv)
-    yaml_path = default_yaml
-    for item in list(argv):
-        if item.startswith("config="):
-            yaml_path = item.split("=", 1)[1]
-            argv.remove(item)
+    yaml_path = _yaml_choice(schema, argv, default_yaml)
     with _config_errors():
         cfg = OmegaConf.structured(schema)  # structured: unknown keys are errors (dict fields stay open)
         if yaml_path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ from quant.errors import UserError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("none", "ddp", "fsdp", "deepspeed")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -62,6 +64,14 @@ def check_world_size(backend: str, world_size: int) -> None:
         raise UserError(f"{world_size} processes but only {torch.cuda.device_count()} GPUs on this node")
 
 
+def check_device(device: str) -> None:
+    """Raise UserError for an unknown device, or `cuda` on a machine without a usable GPU."""
+    if device not in DEVICES:
+        raise UserError(f"unknown device {device!r}; use one of {DEVICES}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but torch sees no CUDA GPU here (use device=auto or device=cpu)")
+
+
 def _nodes() -> int:
     return max(1, env_world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", env_world_size())))
 
@@ -69,10 +79,17 @@ def _nodes() -> int:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
+    np.random.seed(seed % 2**32)
+
+
+def _single_process_env() -> None:
+    """torchrun's variables for a one-process group on this machine (a free loopback port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
 
 
 def setup_runtime(backend: str, seed: int, device: str = "auto") -> Runtime:
@@ -83,12 +100,15 @@ def setup_runtime(backend: str, seed: int, device: str = "auto") -> Runtime:
     """
     world = env_world_size()
     check_world_size(backend, world)
+    check_device(device)
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if backend != "none" and world == 1 and "RANK" not in os.environ:
+        _single_process_env()  # FSDP2 / DDP / DeepSpeed need a process group even for one process
+    if backend != "none" and not dist.is_initialized():
         if backend == "deepspeed":
             os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
             import deepspeed

@@ -1,4 +1,9 @@
-"""Small, safe file I/O: JSONL reading with line numbers, atomic writes."""
+"""Small, safe file I/O: JSONL reading with line numbers, atomic writes.
+
+Atomic writes go through a temporary file beside the target (removed on any failure) and a rename;
+the final file gets the mode a plain `open(path, "w")` would give it (0666 less the user's umask),
+not mkstemp's private 0600, so a shared cluster group can read what a run wrote.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +52,18 @@ def read_jsonl(path: PathLike, skip_bad: bool = False) -> list[dict]:
     return [obj for _, obj in iter_jsonl(path, skip_bad)]
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode `open()` / `mkdir()` would give a new file / folder: 0666 / 0777 less the umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 @contextmanager
 def atomic_open(path: PathLike, mode: str = "w"):
     """Open a temporary file beside `path` for writing; on success fsync and rename it to `path`,
@@ -56,6 +73,7 @@ def atomic_open(path: PathLike, mode: str = "w"):
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            os.fchmod(f.fileno(), default_mode())  # mkstemp makes it 0600
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -20,7 +20,8 @@ def test_save_reload_round_trip(tmp_path):
     with torch.no_grad():
         ref = model(x).logits
     out = models.save_model(model, tok, tmp_path / "student")
-    assert json.loads((out / "quant_config.json").read_text()) == qcfg.to_dict()
+    coverage = {"linears": [14, 14], "kv_layers": [2, 2]}
+    assert json.loads((out / "quant_config.json").read_text()) == {**qcfg.to_dict(), "coverage": coverage}
     assert "llmqat" not in (out / "config.json").read_text()  # a plain HF config
     again, _ = models.load_model(str(out))  # one call: quantizers come back from quant_config.json
     assert models.get_quant_config(again) == qcfg
@@ -73,3 +74,14 @@ def test_bad_quant_config_file(tmp_path):
     (tmp_path / "m" / "quant_config.json").write_text(json.dumps({"w_bits": 9}))
     with pytest.raises(ValueError, match="w_bits=9"):
         models.load_model(path)
+
+
+def test_quant_config_json_reports_coverage_of_a_fused_phi3(tmp_path):
+    from tests.models.test_patch import make_tiny_phi3
+
+    model = make_tiny_phi3(torch.float32)
+    models.quantize_model(model, QuantConfig(w_bits=4, a_bits=8, kv_bits=4))
+    out = models.save_model(model, None, tmp_path / "phi")
+    saved = json.loads((out / "quant_config.json").read_text())
+    assert saved["coverage"] == {"linears": [8, 8], "kv_layers": [2, 2]}
+    assert models.read_quant_config(out) == QuantConfig(w_bits=4, a_bits=8, kv_bits=4)

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 import models
 from quant import QuantConfig, QuantLinear
+from quant.errors import UserError
 from tests.conftest import make_tiny_llama
 
 TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -209,3 +210,82 @@ def test_group_size_error_names_the_problem():
     model = make_tiny_llama()
     with pytest.raises(ValueError, match="does not divide"):
         models.quantize_model(model, QuantConfig(w_bits=4, w_granularity="per_group", w_group_size=48))
+
+
+# ---- strict coverage, fused projections (Phi-3) ----
+
+PHI_KW = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+              max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def make_tiny_phi3(dtype=torch.float64):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(Phi3Config(**PHI_KW)).eval().to(dtype)
+
+
+def llama_twin_of(phi):
+    """A Llama with the Phi-3's weights, its fused qkv_proj / gate_up_proj split into the parts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(**PHI_KW)).eval().to(phi.dtype)
+    state = {}
+    for key, value in phi.state_dict().items():
+        if "qkv_proj" in key:
+            for part, w in zip(("q_proj", "k_proj", "v_proj"), value.split([64, 32, 32])):
+                state[key.replace("qkv_proj", part)] = w
+        elif "gate_up_proj" in key:
+            for part, w in zip(("gate_proj", "up_proj"), value.chunk(2)):
+                state[key.replace("gate_up_proj", part)] = w
+        else:
+            state[key] = value
+    llama.load_state_dict(state, strict=True)
+    return llama
+
+
+@pytest.mark.parametrize("kv_position", ["pre_rope", "post_rope"])
+@pytest.mark.parametrize("kv_granularity", ["per_token", "per_head"])
+def test_fused_phi3_equals_its_split_llama_twin(kv_position, kv_granularity):
+    """Fused qkv_proj / gate_up_proj are quantized as their parts would be, K/V slices included."""
+    phi = make_tiny_phi3()
+    llama = llama_twin_of(phi)
+    qcfg = QuantConfig(w_bits=4, a_bits=8, kv_bits=4, kv_position=kv_position, kv_granularity=kv_granularity)
+    x = ids(vocab=128)
+    with torch.no_grad():
+        models.quantize_model(phi, qcfg)
+        models.quantize_model(llama, qcfg)
+        assert torch.equal(phi(x).logits, llama(x).logits)
+        models.quantize_model(phi, QuantConfig(kv_position=kv_position))
+        assert torch.equal(phi(x).logits, models.dequantize_model(llama)(x).logits)  # 16 bits: identity
+    assert models.patch.quant_coverage(phi) == {"linears": [0, 8], "kv_layers": [0, 2]}
+
+
+def test_phi3_coverage_is_complete():
+    phi = make_tiny_phi3(torch.float32)
+    models.quantize_model(phi, QuantConfig(w_bits=4, a_bits=8, kv_bits=4))
+    assert sum(isinstance(m, QuantLinear) for m in phi.modules()) == 8  # was 4 of 8: o_proj, down_proj only
+    assert models.patch.quant_coverage(phi) == {"linears": [8, 8], "kv_layers": [2, 2]}
+    models.quantize_model(phi, QuantConfig(w_bits=4, a_bits=8, kv_bits=4, kv_position="post_rope"))
+    assert models.patch.quant_coverage(phi) == {"linears": [8, 8], "kv_layers": [2, 2]}
+
+
+@pytest.mark.parametrize("make,qcfg,match", [
+    (make_tiny_llama, QuantConfig(w_bits=4, targets=[*TARGETS, "dense"]), r"model\.layers\.0 has no dense"),
+    (make_tiny_llama, QuantConfig(kv_bits=4, targets=["q_proj", "o_proj"]), r"K/V would not be quantized"),
+    (make_tiny_phi3, QuantConfig(kv_bits=4, targets=["o_proj", "down_proj"]), r"qkv_proj.*targets="),
+    (make_tiny_phi3, QuantConfig(w_bits=4, targets=["q_proj", "o_proj"]), r"q_proj is fused into qkv_proj"),
+    (make_tiny_phi3, QuantConfig(w_bits=4, w_granularity="per_tensor"), r"per_tensor"),
+])
+def test_incomplete_quantization_is_refused(make, qcfg, match):
+    model = make()
+    with pytest.raises(UserError, match=match):
+        models.quantize_model(model, qcfg)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # refused before any swap
+
+
+def test_targets_override_reaches_other_names():
+    model = make_tiny_phi3(torch.float32)
+    models.quantize_model(model, QuantConfig(w_bits=4, targets=["qkv_proj", "o_proj"]))
+    assert models.patch.quant_coverage(model) == {"linears": [4, 8], "kv_layers": [0, 2]}

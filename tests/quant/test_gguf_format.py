@@ -12,7 +12,8 @@ import torch
 
 from models import load_model, quantize_model, save_model
 from quant.config import QuantConfig, QuantSpec
-from quant.export_gguf import permute_rope, write_gguf
+from quant.errors import UserError
+from quant.export_gguf import MARKER, MARKER_KEY, permute_rope, write_gguf
 from quant.fake_quant import apply_spec, dequantize, quantize_dequantize
 from quant.gguf_formats import gguf_quantize_codes
 from tests.conftest import TINY_VOCAB, make_byte_tokenizer, make_tiny_llama
@@ -217,3 +218,75 @@ def test_llama_cpp_runs_the_tiny_gguf(tmp_path):
         expected = model(torch.tensor([ids])).logits[0]
     llm.close()
     assert torch.allclose(ours, expected, atol=0.05 * expected.abs().max().item())
+
+
+# ---- export safety: our own files only, vocabulary = embedding rows, user's umask (issue 14) ----
+
+def _q4_model(vocab=TINY_VOCAB):
+    return quantize_model(make_tiny_llama(0, vocab_size=vocab), QuantConfig(w_bits=4, weight_format="gguf_q4_0"))
+
+
+@pytest.mark.parametrize("content", [b"my own model, not yours\n", b""])
+def test_write_gguf_never_replaces_a_file_it_did_not_write(tmp_path, content):
+    other = tmp_path / "theirs.gguf"
+    other.write_bytes(content)
+    with pytest.raises(UserError, match="not written by llm-qat"):
+        write_gguf(_q4_model(), make_byte_tokenizer(), other, "q4_0")
+    assert other.read_bytes() == content and sorted(p.name for p in tmp_path.iterdir()) == ["theirs.gguf"]
+
+
+def test_write_gguf_replaces_its_own_file_and_marks_it(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_gguf(_q4_model(), make_byte_tokenizer(), path, "q4_0")
+    assert gguf.GGUFReader(path).fields[MARKER_KEY].contents() == MARKER
+    first = path.read_bytes()
+    write_gguf(_q4_model(), make_byte_tokenizer(), path, "q8_0")  # ours: replaced
+    assert path.read_bytes() != first
+
+
+def test_a_foreign_gguf_is_refused_too(tmp_path):
+    """A real GGUF file without our marker (e.g. a downloaded model) is not ours to replace."""
+    path = tmp_path / "downloaded.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("someone else's model")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="choose another output"):
+        write_gguf(_q4_model(), make_byte_tokenizer(), path, "q4_0")
+    assert path.read_bytes() == before
+
+
+def test_a_smaller_hf_vocabulary_is_padded_to_the_embedding_rows(tmp_path):
+    reader = _write(_q4_model(vocab=300), tmp_path / "m.gguf", "q4_0")
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == len(types) == 300 and tokens[-1] == "[PAD299]" and types[-1] == gguf.TokenType.UNUSED
+
+
+def test_a_larger_hf_vocabulary_than_the_embedding_is_refused(tmp_path):
+    with pytest.raises(UserError, match="embedding only 200 rows"):
+        _write(_q4_model(vocab=200), tmp_path / "m.gguf", "q4_0")  # 259 tokens, 200 rows: was truncated
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_from_with_another_vocabulary_size_is_refused(tmp_path):
+    source = write_gguf(_q4_model(), make_byte_tokenizer(), tmp_path / "source.gguf", "q4_0")
+    with pytest.raises(UserError, match=f"has {TINY_VOCAB} tokens, the model's embedding 300 rows"):
+        write_gguf(_q4_model(vocab=300), None, tmp_path / "m.gguf", "q4_0", tokenizer_from=source)
+    assert not (tmp_path / "m.gguf").exists()
+    write_gguf(_q4_model(), None, tmp_path / "m.gguf", "q4_0", tokenizer_from=source)  # same size: fine
+
+
+def test_gguf_gets_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = write_gguf(_q4_model(), make_byte_tokenizer(), tmp_path / "m.gguf", "q4_0")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -1,6 +1,9 @@
 """generate_data.py / run_generate.sh / merge_gen_data.py as users run them, on a tiny random Llama:
 a shard killed with SIGKILL mid-run (and left with a half-written line) resumes to exactly the records
-of an uninterrupted run; a finished shard is left unchanged; bad settings fail with the key named.
+of an uninterrupted run; a finished shard is left unchanged; bad settings fail with the key named;
+a padded vocabulary never leaks ids the tokenizer lacks; a saved student generates from its
+full-precision weights unless quantized=true; the shard metadata records provenance and start ids,
+and a resume from another model (retrained into the same folder) or start-id mode is refused.
 
     PYTHONPATH=. python -m pytest -q tests/recipes/test_generate.py
 """
@@ -18,8 +21,13 @@ import torch
 
 import generate_data
 import merge_gen_data
-from recipes.generate import GenerateConfig, run
+from models import load_model, model_fingerprint, quantize_model, save_model
+from quant.config import QuantConfig
+from quant.errors import UserError
+from recipes.generate import GenerateConfig, is_complete, run, start_order
+from tests.conftest import TINY_VOCAB, make_byte_tokenizer, make_tiny_llama, save_tiny_model_dir
 from utils.config import load_config
+from utils.data.shards import read_meta
 from utils.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,14 +95,18 @@ def test_run_generate_sh_then_merge(tiny_model_dir, tmp_path):
     shards = sorted(p.name for p in out.glob("gen.chunk.*.jsonl"))
     assert shards == ["gen.chunk.00.jsonl", "gen.chunk.01.jsonl"]
     records = [r for name in shards for r in read_jsonl(out / name)]
-    assert {(r["start_id"], r["greedy_len"]) for r in records} == {(i, j) for i in range(3, 12) for j in (3, 4, 5)}
+    first_12 = start_order(len(make_byte_tokenizer()), {0, 1, 2}, "random", 3)[:12]  # 2 shards x 6, seed 3
+    assert {(r["start_id"], r["greedy_len"]) for r in records} == {(i, j) for i in first_12 for j in (3, 4, 5)}
     assert all(r["token_ids"][0] == r["start_id"] and r["n_tokens"] == len(r["token_ids"]) <= 16 for r in records)
     assert merge_gen_data.main([f"in_dir={out}", "seed=5"]) == 0
     assert _canonical(out / "all_gen.jsonl") == sorted(json.dumps(r, sort_keys=True) for r in records)
 
 
 @pytest.mark.parametrize("argv,match", [(["nope=1"], "nope"), (["max_length=1"], "max_length"),
-                                        (["top_p=0"], "top_p"), (["batch_size=x"], "batch_size")])
+                                        (["top_p=0"], "top_p"), (["batch_size=x"], "batch_size"),
+                                        (["start_ids=first"], "start_ids"),
+                                        (["attn_implementation=nope"], "attn_implementation='nope'"),
+                                        (["attn_implementation=flash_attention_2"], "attn_implementation=flash")])
 def test_bad_settings_name_the_key(argv, match, capsys):
     assert generate_data.main(argv) == 2
     assert match in capsys.readouterr().err
@@ -113,3 +125,79 @@ def test_shard_comes_from_the_distributed_rank(monkeypatch):
     assert resolve_shard(None) == 5
     monkeypatch.setenv("RANK", "3")
     assert resolve_shard(None) == 3 and resolve_shard(1) == 1
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(model_dir, out_dir, *extra, n_vocab=6, max_length=12):
+    return run(load_config(GenerateConfig, [*_settings(model_dir, out_dir, n_vocab, max_length), *extra], None))
+
+
+def test_padded_vocabulary_never_emits_ids_the_tokenizer_lacks(tmp_path, one_thread):
+    """Logits 272 wide, tokenizer 259 ids; the padded logits are made the largest."""
+    model, tok = make_tiny_llama(vocab_size=TINY_VOCAB), make_byte_tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight[len(tok):] = model.lm_head.weight[:len(tok)].abs().max() * 50
+    model.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    records = read_jsonl(_run(tmp_path / "padded", tmp_path / "gen", "greedy_lengths=[1,3]"))
+    assert len(records) > 0 and all(t < len(tok) for r in records for t in r["token_ids"])
+
+
+def test_shard_meta_records_provenance_and_random_start_ids(tiny_model_dir, tmp_path, one_thread):
+    path = _run(tiny_model_dir, tmp_path / "gen", "shard=1", "batch_size=4")
+    meta = read_meta(path)
+    assert set(meta) == {"settings", "provenance", "start_ids", "runtime", "n_expected", "complete"}
+    prov = meta["provenance"]
+    assert prov["inputs"] == {"model": model_fingerprint(tiny_model_dir)} and prov["tokenizer"].startswith("tok:")
+    assert {"shard", "out_dir", "batch_size", "device"}.isdisjoint(prov["config"])
+    assert prov["config"]["start_ids"] == meta["settings"]["start_ids"] == meta["start_ids"]["mode"] == "random"
+    assert meta["runtime"]["shard"] == 1 and meta["runtime"]["batch_size"] == 4 and meta["complete"] is True
+    ids = meta["start_ids"]["ids"]
+    assert len(ids) == 6 and ids != list(range(6, 12))  # not the walk's slice
+    assert sorted({r["start_id"] for r in read_jsonl(path)}) == sorted(ids)
+    other = _run(tiny_model_dir, tmp_path / "gen", "shard=0", "batch_size=2")
+    assert read_meta(other)["provenance"]["config_hash"] == prov["config_hash"]  # shards of one run agree
+    assert not set(ids) & set(read_meta(other)["start_ids"]["ids"])
+
+
+def test_resume_with_another_start_ids_mode_is_refused(tiny_model_dir, tmp_path, one_thread):
+    _run(tiny_model_dir, tmp_path / "gen", "start_ids=walk")
+    with pytest.raises(UserError, match="start_ids: 'walk' -> 'random'"):
+        _run(tiny_model_dir, tmp_path / "gen")
+
+
+def test_a_model_retrained_into_the_same_folder_is_refused_on_resume(tmp_path, one_thread):
+    model_dir = save_tiny_model_dir(tmp_path / "model", seed=0)
+    _run(model_dir, tmp_path / "gen")
+    cfg = load_config(GenerateConfig, _settings(model_dir, tmp_path / "gen", 6, 12), None)
+    assert is_complete(cfg)
+    save_tiny_model_dir(tmp_path / "model", seed=1)  # same path, same settings, other weights
+    assert not is_complete(cfg)
+    with pytest.raises(UserError, match=r"inputs.model: .*new out_dir"):
+        run(cfg)
+
+
+def test_a_student_generates_from_its_full_precision_weights_unless_quantized(tiny_model_dir, tmp_path, one_thread):
+    model, tok = load_model(tiny_model_dir)
+    quantize_model(model, QuantConfig(w_bits=2, a_bits=4, kv_bits=4))
+    student = str(save_model(model, tok, tmp_path / "student"))
+
+    def tokens(model_dir, out, *extra):
+        return _canonical_tokens(_run(model_dir, tmp_path / out, "start_ids=walk", *extra))
+
+    teacher = tokens(tiny_model_dir, "teacher")
+    assert tokens(student, "float") == teacher
+    assert tokens(student, "quantized", "quantized=true") != teacher
+    with pytest.raises(UserError, match="not a quantized student"):
+        _run(tiny_model_dir, tmp_path / "plain", "quantized=true")
+
+
+def _canonical_tokens(path):
+    return sorted((r["start_id"], r["greedy_len"], r["token_ids"]) for r in read_jsonl(path))

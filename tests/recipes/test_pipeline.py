@@ -72,6 +72,9 @@ def test_full_run_then_rerun_skips_every_stage(env, model_dir, data_dir, caplog,
     assert all(math.isfinite(r[k]) for r in rows for k in ("piqa", "arc_easy", "avg", "wikitext2"))
     table = (out / "table.md").read_text()
     assert "| QAT | 4-8-8 |" in table and "recovered %" in table and "Wiki2 ppl" in table
+    assert all("ci95" in d for r in rows[1:] for d in r["vs_fp"].values()) and "ci95" in rows[2]["vs_rtn"]["avg"]
+    assert "| QAT | 4-8-8 | RTN |" in table and "n per task: PIQA 2, ARC-e 2, Wiki2 ppl 2 windows" in table
+    assert all("_samples" not in r for r in json.loads((out / "table.json").read_text()))
     assert (out / "pipeline.png").read_bytes()[:4] == b"\x89PNG"
     timings = json.loads((out / "timings.json").read_text())
     assert {"generate", "merge", "train", "eval FP", "eval RTN", "eval QAT", "report"} <= set(timings)

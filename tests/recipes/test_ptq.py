@@ -13,6 +13,7 @@ import torch
 import quantize_ptq
 from models import load_model, quantize_model
 from quant.config import QuantConfig, QuantSpec
+from quant.errors import UserError
 from quant.fake_quant import quantize_dequantize
 from quant.gptq import gptq_model, gptq_quantize_weight
 from quant.linear import QuantLinear
@@ -159,3 +160,81 @@ def test_too_little_calibration_data_for_gptq_is_a_warning(tiny_model_dir, tmp_p
     with caplog.at_level("WARNING"):
         calibration_windows(calib, tok, samples=4, seqlen=32, seed=0, min_tokens=64)
     assert "GPTQ's Hessians" not in caplog.text
+
+
+def write_generated(path, n=40):
+    """Rows as the generator writes them (`start_id` marks generated records: calibration source data-free)."""
+    rows = [{"text": f"Generated sentence {i} on quantized language models.", "start_id": 3 + i} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_smoothquant_alpha_auto_picks_the_grid_minimum_and_records_it(tiny_model_dir, tmp_path):
+    from recipes.ptq import PTQConfig, label_notes, read_ptq_meta
+
+    calib, out = write_generated(tmp_path / "gen.jsonl"), tmp_path / "sq"
+    args = ["method=smoothquant", f"model={tiny_model_dir}", "w_bits=8", "a_bits=4", f"calib={calib}",
+            "calib_samples=4", "calib_seqlen=32", "alpha_grid=[0.3,0.6,0.9]", "alpha_holdout=4", f"output_dir={out}"]
+    assert quantize_ptq.main(args) == 0  # alpha=auto is the default
+    meta = read_ptq_meta(out)
+    chosen, search = meta["smoothquant"]["alpha"], meta["smoothquant"]["alpha_search"]
+    assert set(search) == {"0.3", "0.6", "0.9"} and chosen in (0.3, 0.6, 0.9)
+    assert search[f"{chosen:g}"] == min(search.values())
+    assert meta["calibration"]["source"] == "data-free" and meta["smoothquant"]["smooth_down"] is False
+    assert label_notes(load_config(PTQConfig, args[:-1]), meta) == ["data-free", f"alpha={chosen:g} (auto)"]
+
+
+def test_alpha_search_restores_the_weights_and_takes_the_finite_minimum(monkeypatch):
+    import recipes.ptq as ptq
+
+    model = make_tiny_llama()
+    ids = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = ptq.PTQConfig(method="smoothquant", alpha_grid=[0.4, 0.8], quant=QuantConfig(w_bits=8, a_bits=4))
+    best, losses = ptq.search_alpha(model, activation_absmax(model, ids), ids, cfg)
+    assert best in (0.4, 0.8) and losses[best] == min(losses.values())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # every grid point undone exactly
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    fake = {0.3: float("nan"), 0.5: 2.0, 0.7: 1.5, 0.9: 1.5}
+    monkeypatch.setattr(ptq, "_smoothed_loss", lambda model, scales, alpha, cfg, held: fake[alpha])
+    assert ptq.search_alpha(model, {}, ids, ptq.PTQConfig(alpha_grid=list(fake)))[0] == 0.7  # NaN never wins
+
+
+@pytest.mark.parametrize("argv,match", [(["alpha=1.5"], "alpha"), (["alpha=strong"], "alpha"),
+                                        (["alpha_grid=[]"], "alpha_grid"), (["alpha_holdout=0"], "alpha_holdout")])
+def test_bad_alpha_settings_are_config_errors(argv, match):
+    from recipes.ptq import PTQConfig
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(PTQConfig, argv)
+    assert load_config(PTQConfig, ["alpha=0.85"]).alpha == "0.85"
+
+
+def test_calibration_split_holds_out_the_tail_and_fits_on_the_rest(tiny_model_dir, tmp_path):
+    from utils.data.calibration import calibration_source, calibration_split, calibration_stream
+
+    _, tok = load_model(tiny_model_dir)
+    calib = write_generated(tmp_path / "gen.jsonl")
+    stream = calibration_stream(calib, tok)
+    fit, held = calibration_split(calib, tok, samples=8, seqlen=32, seed=0, held_out=3)
+    assert held.flatten().tolist() == stream[-3 * 32:]
+    cut = len(stream) - 3 * 32
+    text = " ".join(map(str, stream[:cut]))
+    assert fit.shape == (8, 32) and all(" ".join(map(str, row.tolist())) in text for row in fit)
+    with pytest.raises(UserError, match="alpha_holdout"):
+        calibration_split(calib, tok, samples=8, seqlen=32, seed=0, held_out=len(stream) // 32)
+    assert calibration_source(calib) == "data-free"
+    assert calibration_source(write_calib(tmp_path / "other.jsonl")) == "other.jsonl"
+    assert calibration_source("wikitext2") == "wikitext2"
+
+
+def test_gptq_cli_one_pass_option_and_its_label(tiny_model_dir, tmp_path):
+    from recipes.ptq import PTQConfig, label_notes
+
+    calib, out = write_generated(tmp_path / "gen.jsonl"), tmp_path / "g"
+    args = ["method=gptq", f"model={tiny_model_dir}", "w_bits=4", f"calib={calib}", "calib_samples=4",
+            "calib_seqlen=32", "gptq_true_sequential=false", "gptq_act_order=true"]
+    assert quantize_ptq.main(args + [f"output_dir={out}"]) == 0
+    assert json.loads((out / "llmqat_meta.json").read_text())["ptq"]["gptq_true_sequential"] is False
+    assert label_notes(load_config(PTQConfig, args)) == ["data-free", "one-pass", "act-order"]
+    assert label_notes(load_config(PTQConfig, ["method=gptq", "calib=wikitext2"])) == ["wikitext2"]

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -30,10 +31,13 @@ def test_table_builds_rows_caches_them_and_reports_recovery(tiny_model_dir, data
                                     "ptq.calib_seqlen=16", f"eval.data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}",
                                     f"output={tmp_path / 'table.md'}"])
     rows = run_table(cfg)
-    assert [r["method"] for r in rows] == ["FP", "RTN", "GPTQ", "QAT (qat-student)"]
+    assert [r["method"] for r in rows] == ["FP", "RTN", "GPTQ (gen.jsonl)", "QAT (qat-student, identity STE)"]
     assert all({"piqa", "boolq", "avg", "wikitext2"} <= set(r) for r in rows)
     assert "recovered" in rows[3] or rows[0]["avg"] == rows[1]["avg"]
-    assert "| GPTQ | 4-8-8 |" in (tmp_path / "table.md").read_text()
+    assert all("ci95" in d for r in rows[1:] for d in r["vs_fp"].values())  # paired on the same examples
+    assert rows[0]["piqa_stderr"] >= 0 and rows[0]["n"] == {"wikitext2": rows[0]["n"]["wikitext2"], "piqa": 2,
+                                                            "boolq": 2}
+    assert "| GPTQ (gen.jsonl) | 4-8-8 |" in (tmp_path / "table.md").read_text()
     monkeypatch.setattr(recipes.evaluate, "run", lambda cfg: pytest.fail("cached rows must be reused"))
     assert run_table(cfg) == rows
 
@@ -54,25 +58,32 @@ def test_table_rows_per_setting_with_distinct_students_and_no_smoothquant_at_a16
 
     def fake_results(cfg, row, model, quant):
         evaluated.append(row)
-        return {"results": {"wikitext2": {"ppl": ppl[row]}}}
+        nll = [math.log(ppl[row]) * 31 * f for f in (0.9, 1.0, 1.1, 1.0)]  # 4 windows of 32 tokens, mean = ppl
+        return {"results": {"wikitext2": {"ppl": ppl[row], "n": 4, "per_window": {"nll": nll, "tokens": [31] * 4}}}}
 
     monkeypatch.setattr(tables, "row_results", fake_results)
     monkeypatch.setattr(tables, "ptq_student", lambda cfg, method, qcfg, build=True: f"students/{method}")
     monkeypatch.setattr(tables, "read_quant_config", lambda folder: saved[folder])
     cfg = load_config(tables.TableConfig, ["settings=[4-16-16,8-8-8]", "methods=[fp,rtn,smoothquant,gptq]",
                                            f"qat=[{','.join(saved)}]", "eval.tasks=[wikitext2]",
-                                           f"output={tmp_path / 'table.md'}"])
+                                           "ptq.calib=wikitext2", f"output={tmp_path / 'table.md'}"])
     rows = tables.run(cfg)
     assert [(r["method"], r["setting"]) for r in rows] == [
-        ("FP", "16-16-16"), ("RTN", "4-16-16"), ("GPTQ", "4-16-16"), ("QAT (a)", "4-16-16"), ("QAT (b)", "4-16-16"),
-        ("RTN", "8-8-8"), ("SmoothQuant", "8-8-8"), ("GPTQ", "8-8-8"), ("QAT (c)", "8-8-8"), ("QAT (d)", "2-16-16")]
+        ("FP", "16-16-16"), ("RTN", "4-16-16"), ("GPTQ (wikitext2)", "4-16-16"), ("QAT (a, identity STE)", "4-16-16"),
+        ("QAT (b, identity STE)", "4-16-16"), ("RTN", "8-8-8"), ("SmoothQuant (wikitext2, alpha=auto)", "8-8-8"),
+        ("GPTQ (wikitext2)", "8-8-8"), ("QAT (c, identity STE)", "8-8-8"), ("QAT (d, identity STE)", "2-16-16")]
     assert "smoothquant-W4A16KV16" not in evaluated and len(set(evaluated)) == len(evaluated)
     by = {(r["method"], r["setting"]): r for r in rows}
-    assert by[("QAT (a)", "4-16-16")]["recovered_ppl"] == pytest.approx(75.0)  # (60 - 30) / (60 - 20)
-    assert by[("GPTQ", "4-16-16")]["recovered_ppl"] == pytest.approx(25.0)
-    assert by[("SmoothQuant", "8-8-8")]["recovered_ppl"] == pytest.approx(50.0)
-    assert "recovered_ppl" not in by[("RTN", "8-8-8")] and "recovered_ppl" not in by[("QAT (d)", "2-16-16")]
-    assert "recovered % (Wiki2 ppl)" in (tmp_path / "table.md").read_text()
+    assert by[("QAT (a, identity STE)", "4-16-16")]["recovered_ppl"] == pytest.approx(75.0)  # (60 - 30) / (60 - 20)
+    assert by[("GPTQ (wikitext2)", "4-16-16")]["recovered_ppl"] == pytest.approx(25.0)
+    assert by[("SmoothQuant (wikitext2, alpha=auto)", "8-8-8")]["recovered_ppl"] == pytest.approx(50.0)
+    assert "recovered_ppl" not in by[("RTN", "8-8-8")]
+    assert "recovered_ppl" not in by[("QAT (d, identity STE)", "2-16-16")]
+    lo, hi = by[("QAT (a, identity STE)", "4-16-16")]["recovered_ppl_ci95"]  # paired over the same 4 windows
+    assert lo <= 75.0 <= hi and by[("QAT (c, identity STE)", "8-8-8")]["vs_rtn"]["wikitext2"]["ci95"][1] < 0
+    text = (tmp_path / "table.md").read_text()
+    assert "recovered % (Wiki2 ppl)" in text and f"| 75 [{lo:.0f}, {hi:.0f}] |" in text
+    assert "n per task: Wiki2 ppl 4 windows" in text
 
 
 def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tiny_model_dir, tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 """train.py / recipes.train on a tiny random Llama: a run_train.sh run whose artifacts reload, only the
 student learns, kill + resume == uninterrupted, bad inputs fail before any compute.
+Resume and provenance (refusing a changed config, a failed run or save losing nothing) are in
+tests/recipes/test_train_resume.py.
 
     PYTHONPATH=. .venv/bin/python -m pytest -q tests/recipes/test_train.py
 """
@@ -18,7 +20,10 @@ from models import load_model
 from recipes import train as trainer
 from recipes.train import TrainConfig, build_models, run
 from utils.config import ConfigError, load_config
+from utils.data.merge import provenance_path
 from utils.distributed import Runtime
+from utils.io import write_json
+from utils.provenance import data_fingerprint
 from utils.train import loop
 from utils.train.checkpoint import complete_checkpoints, find_checkpoint
 from utils.train.distill import DistillStudent, KDLoss
@@ -62,7 +67,7 @@ def test_run_train_sh_artifacts_reload(setup):
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["steps"] == 3 and torch.isfinite(torch.tensor(metrics["final_loss"]))
     assert "w_bits: 4" in (out / "train_config.yaml").read_text()
-    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]  # the last step too
     student, _ = load_model(str(out / "student"))
     assert student.llmqat_quant_config.tag() == "W4A8KV8"
     with torch.no_grad():
@@ -135,6 +140,9 @@ def no_model_load(monkeypatch):
     ("empty_data", ValueError, "empty"),
     ("missing_model", FileNotFoundError, "model not found"),
     ("world_size", ValueError, "WORLD_SIZE=1"),
+    ("context", ValueError, r"model_max_length=512 exceeds the model's context \(max_position_embeddings=256\)"),
+    ("other_tokenizer", ValueError, r"tokenizer tok:0123456789abcdef .* student's tokenizer is tok:"),
+    ("cuda", ValueError, "device=cuda but torch sees no CUDA GPU"),
 ])
 def test_bad_inputs_fail_before_compute(setup, no_model_load, case, error, match):
     model, data, tmp = setup
@@ -145,17 +153,68 @@ def test_bad_inputs_fail_before_compute(setup, no_model_load, case, error, match
         Path(data).write_text("")
     elif case == "missing_model":
         model = str(tmp / "no-such-model")
-    extra = ["backend=fsdp", "nproc=2"] if case == "world_size" else []
+    elif case == "other_tokenizer":  # a merged file whose provenance names another tokenizer
+        write_json(provenance_path(data), {"tokenizer": "tok:0123456789abcdef", "output": data_fingerprint(data)})
+    elif case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    extra = {"world_size": ["backend=fsdp", "nproc=2"], "context": ["model_max_length=512"],
+             "cuda": ["device=cuda"]}.get(case, [])
     with pytest.raises(error, match=match):
         run(_cfg(model, data, tmp / "run", *extra))
 
 
-@pytest.mark.parametrize("argv, match", [(["w_bits=9"], "w_bits=9"), (["nproc=2"], "backend=none"),
-                                         (["backend=zero"], "backend"), (["kd_reduction=sum"], "reduction"),
-                                         (["max_steps=0"], "max_steps")])
+@pytest.mark.parametrize("argv, match", [
+    (["w_bits=9"], "w_bits=9"), (["nproc=2"], "backend=none"), (["backend=zero"], "backend"),
+    (["kd_reduction=sum"], "reduction"), (["max_steps=0"], "max_steps"),
+    (["max_grad_norm=-1"], r"max_grad_norm=-1.0: must be >= 0 \(0 or null: no clipping\)"),
+    (["save_total_limit=-1"], r"save_total_limit=-1: must be >= 1 \(0 or null: keep every"),
+    (["warmup_steps=-5"], "warmup_steps=-5"), (["min_lr_ratio=5"], r"min_lr_ratio=5.0: must be in \[0, 1\]"),
+    (["logging_steps=0"], "logging_steps=0"), (["eval_steps=-1"], "eval_steps=-1"), (["save_steps=-2"], "save_steps"),
+    (["learning_rate=0"], "learning_rate=0.0: must be > 0"), (["learning_rate=nan"], "learning_rate"),
+    (["weight_decay=-0.1"], "weight_decay"), (["device=tpu"], "device='tpu'"),
+    (["attn_implementation=fast"], "attn_implementation='fast'"), (["data.val_fraction=1"], "val_fraction"),
+])
 def test_bad_config_values(argv, match):
     with pytest.raises(ConfigError, match=match):
         load_config(TrainConfig, argv)
+
+
+@pytest.mark.parametrize("argv", [["max_grad_norm=0"], ["max_grad_norm=null"], ["save_total_limit=0"],
+                                  ["save_total_limit=null"], ["attn_implementation=eager"],
+                                  ["attn_implementation=sdpa"], ["min_lr_ratio=1"], ["warmup_steps=0"]])
+def test_boundary_values_are_valid(argv):
+    load_config(TrainConfig, argv)
+
+
+def _one_step(cfg, blocks):
+    rt = Runtime(0, 1, 0, torch.device("cpu"), "none")
+    student, teacher, _ = build_models(cfg, rt, torch.float32, torch.float32)
+    wrapped, optimizer, scheduler = setup_training(cfg, DistillStudent(student, KDLoss(chunk_size=24)), rt)
+    out = train_step(wrapped, teacher, optimizer, scheduler, blocks, cfg, 0, rt, autocast=False)
+    return out, student
+
+
+def test_max_grad_norm_zero_means_no_clipping(setup):
+    """HF's meaning: 0 does not clip (before: every gradient times 0, and the student stayed RTN)."""
+    model, data, tmp = setup
+    blocks = {"input_ids": torch.randint(3, 200, (4, 32)), "attention_mask": torch.ones(4, 32, dtype=torch.long)}
+    start, _ = load_model(model)
+    results = {limit: _one_step(_cfg(model, data, tmp / "run", f"max_grad_norm={limit}"), blocks)
+               for limit in ("0", "null", "1e9")}
+    (out0, s0), (_, s_none), (_, s_big) = results.values()
+    assert out0["grad_norm"] > 0
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(s0.state_dict()[q_proj], start.state_dict()[q_proj])  # it learned
+    for name, value in s0.state_dict().items():
+        assert torch.equal(value, s_big.state_dict()[name]) and torch.equal(value, s_none.state_dict()[name]), name
+
+
+def test_attn_implementation_reaches_student_and_teacher(setup):
+    model, data, tmp = setup
+    cfg = _cfg(model, data, tmp / "run", "attn_implementation=eager")
+    student, teacher, _ = build_models(cfg, Runtime(0, 1, 0, torch.device("cpu"), "none"), torch.float32,
+                                       torch.float32)
+    assert student.config._attn_implementation == teacher.config._attn_implementation == "eager"
 
 
 def test_malformed_line_names_file_and_line(setup):

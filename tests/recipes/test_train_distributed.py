@@ -61,3 +61,19 @@ def test_two_process_run_saves_reloadable_student(reference, backend):
     assert dist_student.llmqat_quant_config.tag() == "W4A8KV8"
     for (name, x), y in zip(one_student.state_dict().items(), dist_student.state_dict().values()):
         torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_one_process_fsdp_and_ddp_start_their_own_process_group(reference, backend):
+    """`train.py backend=fsdp nproc=1` without torchrun (one GPU, or a CPU) used to fail with
+    "RANK expected": setup_runtime now starts a one-process group itself."""
+    model, data, tmp, single = reference
+    out = tmp / f"{backend}-1"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), LLMQAT_NO_PROGRESS="1")
+    cmd = [sys.executable, str(ROOT / "train.py"), f"model={model}", f"data.train={data}", f"output_dir={out}",
+           f"backend={backend}", "nproc=1", "per_device_batch_size=2", f"data.cache_dir={tmp / 'cache'}", *COMMON]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4)

@@ -78,3 +78,19 @@ def test_every_yaml_in_configs_loads_into_its_schema(path):
     assert cfg is not None
     assert any(line.startswith("#") and ("python" in line or "sh " in line) for line in header), \
         f"{path.name}: the header must give the launch command"
+
+
+def test_recipe_name_means_its_yaml_and_is_checked():
+    from recipes.ptq import PTQConfig
+    from recipes.train import TrainConfig
+
+    alias = load_config(TrainConfig, ["recipe=original", "max_steps=3"])
+    assert alias == load_config(TrainConfig, ["config=configs/recipe_original.yaml", "max_steps=3"])
+    assert (alias.kd_reduction, alias.quant.ste_clip, alias.precision, alias.data.text_bos) == \
+        ("batchmean_sequence", True, "bf16", True)
+    with pytest.raises(ConfigError, match="available: .*original"):
+        load_config(TrainConfig, ["recipe=nope"])
+    with pytest.raises(ConfigError, match="TrainConfig"):
+        load_config(PTQConfig, ["recipe=original"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(TrainConfig, ["recipe=original", "config=configs/qat_smollm2_w4a8kv8.yaml"])

@@ -2,9 +2,15 @@
 
     ids = calibration_windows("gen_data/all_gen.jsonl", tokenizer, samples=128, seqlen=512, seed=0)
 
+    fit, held_out = calibration_split("gen_data/all_gen.jsonl", tokenizer, 128, 512, seed=0, held_out=16)
+
 `calib` is a generated-data JSONL (rows with `token_ids` or `text`; each row ends with EOS), or
 `wikitext2` / `c4`. With a local data directory these are WikiText-2 *validation* (the local copy
 has no train split) and the C4 validation subset, which the C4 perplexity also samples from.
+`calibration_split` keeps the stream's last `held_out` x seqlen tokens apart as consecutive windows
+(for choosing a hyperparameter such as SmoothQuant's alpha on text the fit never saw) and draws the
+random windows from the rest. `calibration_source` names the data for table rows: `data-free` (a
+JSONL of generated records, which carry `start_id`), `wikitext2`, `c4`, or the file's name.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from utils.eval.datasets import c4_texts, resolve_data_dir, wikitext2_text
 from utils.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
+
+TEXT_SOURCES = ("wikitext2", "c4")
 
 
 def _jsonl_stream(path: str, tokenizer) -> list:
@@ -46,6 +54,40 @@ def _text_stream(name: str, tokenizer, data_dir: Optional[str]) -> list:
     return tokenizer.encode(wikitext2_text(split, data_dir), add_special_tokens=False)
 
 
+def calibration_stream(calib: str, tokenizer, data_dir: Optional[str] = None) -> list:
+    """The calibration token stream: a generated JSONL's rows (each + EOS), or WikiText-2 / C4 text."""
+    return _text_stream(calib, tokenizer, data_dir) if calib in TEXT_SOURCES else _jsonl_stream(calib, tokenizer)
+
+
+def calibration_source(calib: str) -> str:
+    """`wikitext2` / `c4`, `data-free` for a JSONL of generated records, else the file's name."""
+    if calib in TEXT_SOURCES:
+        return calib
+    try:
+        first = next(iter_jsonl(calib), (0, {}))[1]
+    except (OSError, ValueError):
+        first = {}
+    return "data-free" if "start_id" in first else Path(calib).name
+
+
+def _warn_coverage(ids: list, calib: str, samples: int, seqlen: int, min_tokens: int) -> None:
+    covered = min(len(ids), samples * seqlen)
+    logger.info("calibration: %d windows x %d tokens from %s (%d tokens)", samples, seqlen, calib, len(ids))
+    if covered < min_tokens:
+        logger.warning("calibration covers at most %d distinct tokens, fewer than %d: GPTQ's Hessians are then "
+                       "poorly estimated and it can do worse than RTN on held-out text (measured on SmolLM2-135M "
+                       "with 4k-16k tokens); use more data / calib_samples, or gptq_percdamp=0.1", covered,
+                       min_tokens)
+
+
+def _random_windows(ids: list, calib: str, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    if len(ids) <= seqlen:
+        raise UserError(f"calibration data {calib} has {len(ids)} tokens, not more than calib_seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(samples)]
+    return torch.tensor([ids[s : s + seqlen] for s in starts], dtype=torch.long)
+
+
 def calibration_windows(calib: str, tokenizer, samples: int, seqlen: int, seed: int,
                         data_dir: Optional[str] = None, min_tokens: int = 0) -> torch.Tensor:
     """[samples, seqlen] random windows of the calibration token stream (seeded).
@@ -53,17 +95,25 @@ def calibration_windows(calib: str, tokenizer, samples: int, seqlen: int, seed: 
     Warns when fewer than `min_tokens` distinct tokens can be covered (the stream or the windows
     are too short): see GPTQ in docs/evaluation.md.
     """
-    ids = _text_stream(calib, tokenizer, data_dir) if calib in ("wikitext2", "c4") else _jsonl_stream(calib, tokenizer)
-    if len(ids) <= seqlen:
-        raise UserError(f"calibration data {calib} has {len(ids)} tokens, not more than calib_seqlen")
-    covered = min(len(ids), samples * seqlen)
-    logger.info("calibration: %d windows x %d tokens from %s (%d tokens)", samples, seqlen,
-                calib, len(ids))
-    if covered < min_tokens:
-        logger.warning("calibration covers at most %d distinct tokens, fewer than %d: GPTQ's Hessians are then "
-                       "poorly estimated and it can do worse than RTN on held-out text (measured on SmolLM2-135M "
-                       "with 4k-16k tokens); use more data / calib_samples, or gptq_percdamp=0.1", covered,
-                       min_tokens)
-    rng = random.Random(seed)
-    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(samples)]
-    return torch.tensor([ids[s : s + seqlen] for s in starts], dtype=torch.long)
+    ids = calibration_stream(calib, tokenizer, data_dir)
+    _warn_coverage(ids, calib, samples, seqlen, min_tokens)
+    return _random_windows(ids, calib, samples, seqlen, seed)
+
+
+def calibration_split(calib: str, tokenizer, samples: int, seqlen: int, seed: int, data_dir: Optional[str] = None,
+                      min_tokens: int = 0, held_out: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit [samples, seqlen] random windows, held-out [held_out, seqlen] windows): the held-out
+    windows are the stream's last held_out x seqlen tokens, cut in order; the fit windows come from
+    the tokens before them, so the two never overlap.
+
+    Raises:
+        UserError: the stream is too short to hold out that much and keep more than one window to fit.
+    """
+    ids = calibration_stream(calib, tokenizer, data_dir)
+    cut = len(ids) - held_out * seqlen
+    if held_out < 1 or cut <= seqlen:
+        raise UserError(f"calibration data {calib} has {len(ids)} tokens: too few to hold out {held_out} windows "
+                        f"of calib_seqlen={seqlen} and fit on the rest (lower alpha_holdout or calib_seqlen)")
+    held = torch.tensor(ids[cut:], dtype=torch.long).view(held_out, seqlen)
+    _warn_coverage(ids[:cut], calib, samples, seqlen, min_tokens)
+    return _random_windows(ids[:cut], calib, samples, seqlen, seed), held

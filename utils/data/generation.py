@@ -9,6 +9,12 @@ are dropped from the batch. Each record samples from its own `torch.Generator`, 
 (seed, start token, greedy length), so what a record contains does not depend on which other
 sequences shared its batch (up to float rounding: see the README, "Data-free data").
 
+The mask is built in the form the model's attention implementation takes (transformers' mask
+interface says which): a bool mask for sdpa, an additive float mask (0 visible, the dtype's min
+elsewhere) for eager, which adds its mask to the scores; a bool mask there would leave stale cache
+slots visible. Implementations that take no dense 4D mask (flash attention variants, flex) are
+refused. Ids past `vocab_limit` (padded vocabularies wider than the tokenizer) are never emitted.
+
 Used by recipes/generate.py (one shard of `generate_data.py`) and benchmarks/bench_generate.py.
 """
 
@@ -21,6 +27,9 @@ from typing import Iterable, Iterator, List, Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+from quant.errors import UserError
 
 _INITIAL_CAPACITY = 128  # cache positions allocated first; doubled on demand up to max_length
 
@@ -44,6 +53,24 @@ def record_seed(seed: int, start_id: int, greedy_len: int) -> int:
     """A 63-bit seed for one record, the same whatever batch or shard generates it."""
     digest = hashlib.sha256(f"{seed}:{start_id}:{greedy_len}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def mask_dtype(implementation: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the 4D mask `implementation` takes: bool (sdpa) or `dtype` (eager: added to scores).
+
+    Decided by the mask function transformers registers for it, so registered wrappers (such as the
+    KV fake-quant attention of models/patch.py) are served like the implementation they wrap.
+
+    Raises:
+        UserError: an implementation that takes no dense 4D mask (flash attention variants, flex).
+    """
+    builder = ALL_MASK_ATTENTION_FUNCTIONS.get(implementation)
+    if builder is sdpa_mask:
+        return torch.bool
+    if builder is eager_mask:
+        return dtype
+    raise UserError(f"attn_implementation={implementation}: the slot-cache decoder needs an attention that takes "
+                    f"a 4D mask per row; use attn_implementation=eager or attn_implementation=sdpa")
 
 
 def sample_next(logits: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -133,14 +160,19 @@ class SlotCache(Cache):
         self.state = _SlotState(min(_INITIAL_CAPACITY, max_length), max_length)
         super().__init__(layers=[_SlotLayer(self.state) for _ in range(num_layers)])
 
-    def prepare_step(self, positions: torch.Tensor) -> torch.Tensor:
-        """Set this step's positions ([B]); return the [B, 1, 1, window] bool attention mask."""
+    def prepare_step(self, positions: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """Set this step's positions ([B]); return the [B, 1, 1, window] attention mask: bool (True:
+        visible), or of a float `dtype`, additive (0 where visible, the dtype's min elsewhere)."""
         self.state.positions = positions
         self.state.window = int(positions.max()) + 1
         while self.state.capacity < self.state.window:
             self.state.capacity = min(2 * self.state.capacity, self.state.max_length)
-        visible = torch.arange(self.state.window, device=positions.device)
-        return (visible[None, :] <= positions[:, None])[:, None, None, :]
+        slots = torch.arange(self.state.window, device=positions.device)
+        visible = (slots[None, :] <= positions[:, None])[:, None, None, :]
+        if dtype == torch.bool:
+            return visible
+        return torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible,
+                                                                                        torch.finfo(dtype).min)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
@@ -159,33 +191,53 @@ def _finish_reason(row: _Row, eos_ids: set, max_length: int) -> Optional[str]:
     return "length" if len(row.token_ids) >= max_length else None
 
 
+@dataclass(frozen=True)
+class _Decoding:
+    """What every step of one `generate_sequences` call shares."""
+
+    sampling: Sampling
+    mask_dtype: torch.dtype
+    vocab_limit: Optional[int]
+    device: torch.device
+
+
 @torch.inference_mode()
-def _step(model, cache: SlotCache, rows: list, sampling: Sampling, device) -> list[int]:
+def _step(model, cache: SlotCache, rows: list, how: _Decoding) -> list[int]:
     """One decode step for every row (an idle row, None, feeds token 0 at position 0)."""
+    device = how.device
     tokens = torch.tensor([[r.token_ids[-1]] if r else [0] for r in rows], device=device)
     positions = torch.tensor([len(r.token_ids) - 1 if r else 0 for r in rows], device=device)
-    mask = cache.prepare_step(positions)
+    mask = cache.prepare_step(positions, how.mask_dtype)
     logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions[:, None],
-                   past_key_values=cache, use_cache=True).logits[:, -1]
+                   past_key_values=cache, use_cache=True).logits[:, -1, :how.vocab_limit]  # [B, V']
     greedy = [r is None or len(r.token_ids) < r.greedy_len for r in rows]
     uniforms = [0.0 if g else torch.rand(1, generator=r.generator).item() for g, r in zip(greedy, rows)]
-    return sample_next(logits, torch.tensor(greedy, device=device), torch.tensor(uniforms), sampling).tolist()
+    return sample_next(logits, torch.tensor(greedy, device=device), torch.tensor(uniforms), how.sampling).tolist()
 
 
 def generate_sequences(model, jobs: Iterable[tuple[int, int]], *, max_length: int, batch_size: int, seed: int,
-                       eos_ids: Iterable[int], sampling: Sampling = Sampling()) -> Iterator[dict]:
+                       eos_ids: Iterable[int], sampling: Sampling = Sampling(),
+                       vocab_limit: Optional[int] = None) -> Iterator[dict]:
     """Yield one dict per finished job (start_id, greedy_len): token_ids (start first) and finish.
 
     Records come out in the order they finish. Finished rows are refilled from the queue; once it is
     empty, idle rows are dropped from the batch (a quarter idle at a time, so the cache copy is rare).
+
+    Args:
+        vocab_limit: only ids below it are emitted (the tokenizer's length, when the model's logits
+            are wider: padded vocabularies); None: every logit.
+    Raises:
+        UserError: the model's attention implementation takes no 4D mask (see `mask_dtype`).
     """
     queue = deque(jobs)
     device = next(model.parameters()).device
+    masks = mask_dtype(model.config._attn_implementation or "eager", model.dtype)
+    how = _Decoding(sampling, masks, vocab_limit, device)
     eos = set(int(e) for e in eos_ids)
     cache = SlotCache(model.config.num_hidden_layers, max_length)
     rows: list = [_new_row(queue.popleft(), seed) for _ in range(min(batch_size, len(queue)))]
     while rows:
-        for i, token in enumerate(_step(model, cache, rows, sampling, device)):
+        for i, token in enumerate(_step(model, cache, rows, how)):
             row = rows[i]
             if row is None:
                 continue

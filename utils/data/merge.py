@@ -5,6 +5,14 @@ Every line of every shard is checked (a JSON object with a `text` string and a n
 unless `skip_bad`. Exact duplicate records are dropped, the rest shuffled with `seed` and
 written through a temporary file and a rename, so the output is all new or untouched. The shards
 are streamed twice (check, then copy by byte offset): memory holds offsets, not texts.
+
+Before any line is read, the shards' metadata (`gen.chunk.XX.meta.json`) must agree on everything
+that made their records (model and its fingerprint, tokenizer fingerprint, max_length, sampling,
+seed, ...; only `shard` may differ): otherwise the merge is refused, naming the keys and the shards,
+unless `allow_mixed` (then the mix is recorded). A merge of zero records is refused (an existing
+output stays). Next to the output, `*.provenance.json` records the merge config, each shard's
+content fingerprint, the shards' common model and tokenizer fingerprints and the output's own
+fingerprint; training reads it to refuse data made with another tokenizer (utils/data/blocks.py).
 Recipe (config, summary printout): recipes/merge.py.
 """
 
@@ -18,13 +26,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from tqdm import tqdm
 
-from quant.errors import InputFileError
+from quant.errors import InputFileError, UserError
 from utils.data.shards import SHARD_GLOB, read_meta
 from utils.io import JsonlError, atomic_open, write_json
 from utils.logging import progress_disabled
+from utils.provenance import data_fingerprint, differing_keys, provenance
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +59,7 @@ class MergeStats:
     finish: Counter = field(default_factory=Counter)
     missing_shards: list = field(default_factory=list)
     incomplete_shards: dict = field(default_factory=dict)
+    mixed: dict = field(default_factory=dict)  # differing key -> {shard: value}; "no_metadata" -> shards
 
 
 def find_shards(in_dir) -> list[Path]:
@@ -154,20 +165,101 @@ def _write(paths: list[Path], entries: list[_Entry], output: Path) -> None:
             f.close()
 
 
-def merge_shards(in_dir, output: Path, seed: int, skip_bad: bool) -> MergeStats:
+def merge_shards(in_dir, output: Path, seed: int, skip_bad: bool, allow_mixed: bool = False,
+                 config: Optional[dict] = None) -> MergeStats:
     """Check, dedup, shuffle and write the shards of `in_dir` to `output`; return the statistics.
+    Writes `output`'s statistics (`*.stats.json`) and provenance (`*.provenance.json`, with `config`).
 
     Raises:
         FileNotFoundError: no shards. JsonlError: a bad line (file:line) without skip_bad.
+        UserError: shards made with different settings, or without metadata (unless allow_mixed);
+            no record at all.
     """
     paths = find_shards(in_dir)
     stats = MergeStats(shards=[p.name for p in paths])
+    metas = {p.name: read_meta(p) for p in paths}
+    stats.mixed = check_settings(metas, allow_mixed)
     entries = _scan(paths, skip_bad, stats)
+    if not entries:
+        raise UserError(f"no records in the shards of {in_dir}: nothing to merge ({output} left as it was)")
     random.Random(seed).shuffle(entries)
     _write(paths, entries, output)
     stats.missing_shards = missing_shards(paths)
-    write_json(output.with_suffix(".stats.json"), summary(stats, output))
+    write_json(provenance_path(output), merge_provenance(config or {}, paths, metas, stats.mixed, output))
+    write_json(output.with_suffix(".stats.json"), summary(stats, output))  # last: recipes.merge.is_current
     return stats
+
+
+def _identity(meta: dict) -> dict:
+    """What made a shard's records: its settings (but `shard`), its inputs' and tokenizer's fingerprints."""
+    prov = meta.get("provenance") or {}
+    return {**meta.get("settings", {}), "inputs": prov.get("inputs") or {}, "tokenizer": prov.get("tokenizer")}
+
+
+def check_settings(metas: dict, allow_mixed: bool) -> dict:
+    """{} when every shard has metadata with the same settings; else, with `allow_mixed`, what
+    differs ({key: {shard: value}}, "no_metadata": [shards]).
+
+    Raises:
+        UserError: differing settings or shards without metadata, without allow_mixed (names them).
+    """
+    mixed: dict = {}
+    known = {name: _identity(meta) for name, meta in metas.items() if meta}
+    if len(known) < len(metas):
+        mixed["no_metadata"] = sorted(set(metas) - set(known))
+    first = next(iter(known.values()), {})
+    # the model's name may differ (a moved or copied folder) when its content fingerprint is known
+    ignore = ("shard", "model") if all(_get(i, "inputs.model") for i in known.values()) else ("shard",)
+    for key in sorted({k for ident in known.values() for k in differing_keys(first, ident, ignore)}):
+        mixed[key] = {name: _get(ident, key) for name, ident in known.items()}
+    if mixed and not allow_mixed:
+        raise UserError(f"the shards were not made alike: {_describe(mixed)}; regenerate them, or merge them "
+                        f"anyway with allow_mixed=true (recorded in the provenance)")
+    if mixed:
+        logger.warning("merging shards made with different settings (allow_mixed=true): %s", _describe(mixed))
+    return mixed
+
+
+def _get(ident: dict, dotted: str):
+    for part in dotted.split("."):
+        ident = ident.get(part) if isinstance(ident, dict) else None
+    return ident
+
+
+def _describe(mixed: dict) -> str:
+    parts = [f"{key} differs ({', '.join(f'{n}: {v!r}' for n, v in values.items())})"
+             for key, values in mixed.items() if key != "no_metadata"]
+    if "no_metadata" in mixed:
+        parts.append(f"no metadata (*.meta.json), so unknown settings: {', '.join(mixed['no_metadata'])}")
+    return "; ".join(parts)
+
+
+def provenance_path(data_file) -> Path:
+    """Where a merged data file's provenance record lives: all_gen.jsonl -> all_gen.provenance.json."""
+    return Path(data_file).with_suffix(".provenance.json")
+
+
+def _common(metas: dict, key: str):
+    """The value of `key` (dotted) in every shard's identity if they all agree, else None."""
+    values = [_get(_identity(m), key) if m else None for m in metas.values()]
+    return values[0] if all(v == values[0] for v in values) else None
+
+
+def merge_provenance(config: dict, paths: list[Path], metas: dict, mixed: dict, output: Path) -> dict:
+    """The merged file's provenance: merge config, shard fingerprints, the shards' common model and
+    tokenizer fingerprints (None when mixed or unknown), what was mixed, and the output's fingerprint."""
+    inputs = {"model": _common(metas, "inputs.model"),
+              "shards": {p.name: data_fingerprint(p) for p in paths}}
+    record = provenance(config, inputs=inputs)
+    record.update(tokenizer=_common(metas, "tokenizer"), settings=_shared_settings(metas), mixed=mixed,
+                  output=data_fingerprint(output))
+    return record
+
+
+def _shared_settings(metas: dict) -> dict:
+    """The generation settings every shard shares (`shard` and differing keys left out)."""
+    settings = [(m or {}).get("settings", {}) for m in metas.values()]
+    return {k: v for k, v in settings[0].items() if k != "shard" and all(s.get(k) == v for s in settings)}
 
 
 def summary(stats: MergeStats, output: Path) -> dict:
@@ -175,7 +267,8 @@ def summary(stats: MergeStats, output: Path) -> dict:
             "mean_tokens": round(stats.tokens / max(stats.records, 1), 1), "duplicates_dropped": stats.duplicates,
             "bad_lines_skipped": stats.bad_lines, "finish": dict(stats.finish),
             "length_histogram": {f"<={k}": v for k, v in sorted(stats.lengths.items())},
-            "missing_shards": stats.missing_shards, "incomplete_shards": stats.incomplete_shards}
+            "missing_shards": stats.missing_shards, "incomplete_shards": stats.incomplete_shards,
+            "mixed": stats.mixed}
 
 
 def format_summary(info: dict) -> str:
@@ -188,6 +281,8 @@ def format_summary(info: dict) -> str:
     lines += [f"  {k:>7} {v:8d} {'#' * max(1, round(40 * v / peak))}" for k, v in info["length_histogram"].items()]
     lines.append(f"missing shards: {_ranges(info['missing_shards']) or 'none'}")
     lines.append(f"incomplete shards: {info['incomplete_shards'] or 'none'}")
+    if info.get("mixed"):
+        lines.append(f"MIXED settings (allow_mixed=true): {_describe(info['mixed'])}")
     return "\n".join(lines)
 
 

@@ -1,11 +1,27 @@
 """Shard files of generated data: one JSON record per line, written whole, flushed, resumable.
 
     gen_data/gen.chunk.03.jsonl      {"text", "token_ids", "start_id", "greedy_len", "n_tokens", "finish"}
-    gen_data/gen.chunk.03.meta.json  the settings that made the records (checked on resume) + counts
+    gen_data/gen.chunk.03.meta.json  what made the records (checked on resume), see below
 
 A process killed at any point (kill -9 included) leaves at most one partial last line, since each
 record is a single write ending in "\\n". `repair_shard` cuts that partial line off; `done_keys`
 lists the records already there, so a restart generates only the rest.
+
+The metadata (written by recipes/generate.py at the start and again at the end of every run):
+
+    {"settings":   {what decides the records: model, n_vocab, greedy_lengths, max_length,
+                    temperature, top_k, top_p, seed, dtype, start_ids, quantized, shard,
+                    vocab_size, eos_ids},
+     "provenance": utils.provenance.provenance(...) of the run: {"config" (GenerateConfig without
+                    the runtime keys), "config_hash", "inputs": {"model": model fingerprint},
+                    "tokenizer": tokenizer fingerprint, "code", "env"},
+     "start_ids":  {"mode": "random" | "walk", "ids": [the shard's start ids, in order]},
+     "runtime":    {"shard", "batch_size", "device", "num_threads", "attn_implementation"},
+     "n_expected": records the shard holds when complete,
+     "complete":   true once every record is written}
+
+`check_meta` refuses to add records to a shard whose settings, `provenance.inputs` (the model) or
+`provenance.tokenizer` differ from the new run's; the merger reads the same fields.
 """
 
 from __future__ import annotations
@@ -17,10 +33,12 @@ from typing import Iterable, Optional
 
 from quant.errors import UserError
 from utils.io import JsonlError, PathLike, iter_jsonl, read_jsonl, write_json
+from utils.provenance import differing_keys
 
 logger = logging.getLogger(__name__)
 
 SHARD_GLOB = "gen.chunk.*.jsonl"
+IDENTITY_KEYS = ("inputs", "tokenizer")  # the provenance fields a resumed shard must share
 
 
 def shard_path(out_dir: PathLike, shard: int) -> Path:
@@ -75,25 +93,42 @@ def done_keys(path: PathLike) -> set[tuple[int, int]]:
     return keys
 
 
-def check_meta(shard_file: PathLike, settings: dict, has_records: bool, **extra) -> None:
-    """Write the settings next to the shard; refuse to add to records made with other settings.
+def check_meta(shard_file: PathLike, settings: dict, has_records: bool, provenance: Optional[dict] = None,
+               **extra) -> None:
+    """Write the metadata next to the shard; refuse to add to records made with other settings, or
+    (given `provenance`) from another model or tokenizer.
 
     Raises:
-        ValueError: the shard holds records made with different settings (names the keys).
+        UserError: the shard holds records made otherwise (names the keys; use another out_dir).
     """
     path = meta_path(shard_file)
     if has_records and path.is_file():
-        old = json.loads(path.read_text()).get("settings", {})
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            changes = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-            raise UserError(f"{shard_file} holds records made with other settings ({changes}); "
-                             f"use another out_dir or delete the shard")
-    write_meta(shard_file, settings, **extra)
+        old = json.loads(path.read_text())
+        _refuse_changes(shard_file, "other settings", old.get("settings", {}), settings)
+        if provenance is not None:
+            old_identity = {k: (old.get("provenance") or {}).get(k) for k in IDENTITY_KEYS}
+            new_identity = {k: provenance.get(k) for k in IDENTITY_KEYS}
+            _refuse_changes(shard_file, "another model or tokenizer", old_identity, new_identity)
+    write_meta(shard_file, settings, provenance, **extra)
 
 
-def write_meta(shard_file: PathLike, settings: dict, **extra) -> None:
-    write_json(meta_path(shard_file), {"settings": settings, **extra})
+def _refuse_changes(shard_file: PathLike, what: str, old: dict, new: dict) -> None:
+    diff = differing_keys(old, new)
+    if diff:
+        changes = ", ".join(f"{k}: {_dotted(old, k)!r} -> {_dotted(new, k)!r}" for k in diff)
+        raise UserError(f"{shard_file} holds records made with {what} ({changes}); "
+                        f"use a new out_dir or delete the shard")
+
+
+def _dotted(tree: Optional[dict], key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def write_meta(shard_file: PathLike, settings: dict, provenance: Optional[dict] = None, **extra) -> None:
+    write_json(meta_path(shard_file), {"settings": settings, **({"provenance": provenance} if provenance else {}),
+                                       **extra})
 
 
 def read_meta(shard_file: PathLike) -> Optional[dict]:

@@ -4,6 +4,11 @@ The text is tokenized once; the token stream is cut into non-overlapping windows
 tokens (the remainder is dropped); each window is scored on its own (no context carried over);
 PPL = exp(mean next-token NLL over all scored tokens). `limit` keeps the first N windows.
 
+Error bar: each window's summed NLL and token count are kept (`per_window`), and `ppl_ci95` is a
+95 % percentile bootstrap interval over windows (utils/eval/stats.py: 1000 resamples of the windows
+with replacement, seed 0, ppl = exp(sum nll / sum tokens) of each resample). The same per-window
+data give paired intervals between two models on the same windows (utils/eval/report.py).
+
 C4 (`c4_windows`) follows GPTQ's `get_c4`: with `random.seed(seed)`, 256 times draw a document at
 random until one is longer than `seqlen` tokens, then a random `seqlen`-token span of it. Locally
 the documents are the 2000-document validation subset of shared/data, so the windows (and the
@@ -21,6 +26,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from quant.errors import UserError
+from utils.eval.stats import ppl_ci95
 from utils.logging import progress_disabled
 
 
@@ -39,9 +45,20 @@ def make_windows(ids: torch.Tensor, seqlen: int, limit: Optional[int] = None) ->
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def _row_nll(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
+    """Summed next-token NLL of each window of a batch (logits [B, T-1, V], batch [B, T])."""
+    return [F.cross_entropy(logits[i], batch[i, 1:], reduction="sum").double().item() for i in range(len(batch))]
+
+
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl") -> tuple[float, int]:
-    """Sum of next-token NLL (float64) and number of predicted tokens over windows [W, T]."""
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl",
+               per_window: Optional[list] = None) -> tuple[float, int]:
+    """Sum of next-token NLL (float64) and number of predicted tokens over windows [W, T].
+
+    Args:
+        per_window: if a list, each window's summed NLL is appended to it (one forward per batch as
+            before; the batch total, which gives the ppl, is summed exactly as without it).
+    """
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=progress_disabled()):
@@ -50,6 +67,8 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "p
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += nll.double().item()
         count += batch[:, 1:].numel()
+        if per_window is not None:
+            per_window.extend([nll.double().item()] if len(batch) == 1 else _row_nll(logits, batch))
     return total, count
 
 
@@ -75,16 +94,18 @@ def c4_windows(tokenizer, documents: Sequence[str], seqlen: int = 2048, n_window
 
 
 def perplexity_of_windows(model, windows: torch.Tensor, batch_size: int = 1) -> dict:
-    """{'ppl', 'nll', 'tokens', 'windows'} of token windows [W, T], each scored on its own."""
-    was_training = model.training
+    """{'ppl', 'nll', 'tokens', 'windows', 'ppl_ci95', 'per_window'} of token windows [W, T], each
+    scored on its own; per_window = {'nll': [summed NLL of each window], 'tokens': [its count]}."""
+    was_training, per_window = model.training, []
     model.eval()
-    total, count = window_nll(model, windows, batch_size)
+    total, count = window_nll(model, windows, batch_size, per_window=per_window)
     model.train(was_training)
-    nll = total / count
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": len(windows)}
+    nll, tokens = total / count, [windows.shape[1] - 1] * len(windows)
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": len(windows),
+            "ppl_ci95": ppl_ci95(per_window, tokens), "per_window": {"nll": per_window, "tokens": tokens}}
 
 
 def perplexity(model, tokenizer, text: str, seqlen: int = 2048, limit: Optional[int] = None,
                batch_size: int = 1) -> dict:
-    """{'ppl', 'nll', 'tokens', 'windows'} of `text` under `model` (see module docstring)."""
+    """`perplexity_of_windows` of `text` under `model` (see module docstring)."""
     return perplexity_of_windows(model, make_windows(tokenize_stream(tokenizer, text), seqlen, limit), batch_size)

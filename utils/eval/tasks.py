@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from quant.errors import UserError
 from utils.eval.datasets import c4_texts, local_file, resolve_data_dir, wikitext2_rows
-from utils.io import read_jsonl
+from utils.io import iter_jsonl
 
 DELIMITER = " "
 
@@ -136,29 +136,48 @@ PPL_TASKS = ("wikitext2", "c4")
 ALL_TASKS = PPL_TASKS + ZERO_SHOT_TASKS
 
 
-def task_rows(name: str, data_dir: Optional[str] = None, limit: Optional[int] = None) -> list[dict]:
-    """Raw rows of a task: the local data directory if configured, else the Hugging Face hub."""
+def numbered_rows(name: str, data_dir: Optional[str] = None, limit: Optional[int] = None) -> list[tuple[str, dict]]:
+    """[(where, row)] of a task, `where` = "file:line" (local data directory) or "hub id[index]"."""
     spec = TASKS[name]
     local = resolve_data_dir(data_dir)
     if local is not None:
-        rows = read_jsonl(local_file(local, spec.local))
+        path = local_file(local, spec.local)
+        rows = [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path)]
     else:
         from datasets import load_dataset
 
         path, config, split = spec.hub
-        rows = list(load_dataset(path, config, split=split))
+        rows = [(f"{path}/{split}[{i}]", row) for i, row in enumerate(load_dataset(path, config, split=split))]
     return rows[:limit] if limit is not None else rows
+
+
+def task_rows(name: str, data_dir: Optional[str] = None, limit: Optional[int] = None) -> list[dict]:
+    """Raw rows of a task: the local data directory if configured, else the Hugging Face hub."""
+    return [row for _, row in numbered_rows(name, data_dir, limit)]
+
+
+def _to_doc(name: str, where: str, row: dict) -> MCDoc:
+    """The row's MCDoc; a row without a valid gold label (missing, unknown, out of range: e.g. the
+    -1 of an unlabeled test split) is an error naming file:line, never an example scored as wrong."""
+    try:
+        doc = TASKS[name].to_doc(row)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise UserError(f"{where}: not a valid {name} row ({type(err).__name__}: {err})") from None
+    if not 0 <= doc.gold < len(doc.choices):
+        raise UserError(f"{where}: gold label {doc.gold} is not one of the {len(doc.choices)} choices of {name}")
+    return doc
 
 
 def load_task(name: str, data_dir: Optional[str] = None, limit: Optional[int] = None) -> list[MCDoc]:
     """The first `limit` examples of a zero-shot task as MCDocs.
 
     Raises:
-        KeyError: unknown task name. FileNotFoundError: the local file is missing.
+        UserError: unknown task name, or a row without a valid gold label (naming file:line).
+        FileNotFoundError: the local file is missing.
     """
     if name not in TASKS:
         raise UserError(f"unknown zero-shot task {name!r}; choose from {', '.join(TASKS)}")
-    return [TASKS[name].to_doc(row) for row in task_rows(name, data_dir, limit)]
+    return [_to_doc(name, where, row) for where, row in numbered_rows(name, data_dir, limit)]
 
 
 def data_errors(tasks, data_dir: Optional[str]) -> dict[str, str]:

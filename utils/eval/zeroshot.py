@@ -7,6 +7,11 @@ the continuation's tokens are those of tokenize(context + continuation) after th
 no BOS is added. The score of a choice is the summed log-probability of its continuation tokens.
 acc = argmax of the scores; acc_norm = argmax of score / len(choice string) (characters).
 
+Error bars: `acc_stderr` / `acc_norm_stderr` as the harness computes them (sample standard deviation
+of the per-example 0/1 outcomes / sqrt(n) = sqrt(p (1 - p) / (n - 1)), utils/eval/stats.py), and
+each example's outcome in `per_example` ({"acc": "0110...", ...}: one character per example, in
+task order, compact in the results JSON), so two models on the same examples can be compared paired.
+
 Speed: the choices of one example share a token prefix (the whole context for most tasks, the text
 before the blank for WinoGrande). `score_doc` runs that prefix once, repeats its KV cache for every
 choice and scores all the choice remainders in one right-padded batch. Right padding cannot change
@@ -17,7 +22,6 @@ scale depends on everything in the forward, so `evaluate_docs` then scores one c
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -26,6 +30,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from quant.errors import UserError
+from utils.eval.stats import mean_stderr
 from utils.eval.tasks import MCDoc
 from utils.logging import progress_disabled
 
@@ -134,14 +139,15 @@ def _pad_id(tokenizer) -> int:
     return pad if pad is not None else 0
 
 
-def _stderr(values: list) -> float:
-    n = len(values)
-    return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+def _outcomes(values: list) -> str:
+    """Per-example 0/1 outcomes as a string of '0' / '1' characters."""
+    return "".join("1" if v else "0" for v in values)
 
 
 def evaluate_docs(model, tokenizer, docs: Sequence[MCDoc], acc_norm: bool = True, prefix_reuse: bool = True,
                   desc: str = "zero-shot", scores_out: Optional[list] = None) -> dict:
-    """acc (and acc_norm) with standard errors over `docs`, quantizers as the model has them.
+    """acc (and acc_norm) with standard errors, n and per-example outcomes (`per_example`, see the
+    module docstring) over `docs`, quantizers as the model has them.
 
     Args:
         acc_norm: report acc_norm (the harness defines it only for some tasks).
@@ -168,6 +174,7 @@ def evaluate_docs(model, tokenizer, docs: Sequence[MCDoc], acc_norm: bool = True
     model.train(was_training)
     keys = ("acc", "acc_norm") if acc_norm else ("acc",)
     result = {k: float(np.mean([m[k] for m in per_doc])) for k in keys}
-    result.update({f"{k}_stderr": _stderr([m[k] for m in per_doc]) for k in keys})
+    result.update({f"{k}_stderr": mean_stderr([m[k] for m in per_doc]) for k in keys})
     result["n"] = len(per_doc)
+    result["per_example"] = {k: _outcomes([m[k] for m in per_doc]) for k in keys}
     return result

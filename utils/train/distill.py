@@ -13,7 +13,8 @@ recomputes that chunk's logits (one extra head matmul per chunk). `chunk_size=0`
 batch in one piece (the plain reference the tests compare against).
 
 Per token (float32 softmaxes, temperature t):  KL = t^2 * sum_v p_T(v) (log p_T(v) - log p_S(v)),
-with p = softmax(logits / t); the t^2 keeps gradient sizes independent of t (Hinton et al.).
+with p = softmax(logits / t) and 0 log 0 = 0 (a -inf teacher logit adds nothing, never NaN); the t^2
+keeps gradient sizes independent of t (Hinton et al.).
 Reductions: `mean` averages over real tokens (mask == 1); `batchmean_sequence` sums over tokens and
 divides by the batch size, the scale of the original LLM-QAT code (`kl_div(reduction="batchmean")`
 on [B, T, V]). Cross-entropy on the next-token labels (mean over labelled tokens) is mixed in with
@@ -36,10 +37,16 @@ REDUCTIONS = ("mean", "batchmean_sequence")
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) of each row: logits [N, V] -> [N] float32, times temperature^2."""
+    """KL(teacher || student) of each row: logits [N, V] -> [N] float32, times temperature^2.
+
+    Terms where the teacher's probability is 0 (a -inf teacher logit, e.g. a masked-out token)
+    count 0, as in the definition (0 log 0 = 0), not NaN; elsewhere the value is the plain formula's.
+    """
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1) * temperature**2
+    p_t = log_t.exp()
+    terms = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros((), device=p_t.device))
+    return terms.sum(-1) * temperature**2
 
 
 def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

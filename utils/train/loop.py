@@ -1,7 +1,8 @@
 """The distillation training loop: optimizer and schedule per backend, one step, held-out KD loss, the loop.
 
 The functions read their settings from a `recipes.train.TrainConfig` (`cfg`): batch size, gradient
-accumulation, clipping, logging / eval / save steps. The recipe builds the models and data and calls
+accumulation, clipping (`max_grad_norm` 0 or None: none, as in HF), logging / eval / save steps.
+The last step is always checkpointed, so the student saved after the loop can be rebuilt from it. The recipe builds the models and data and calls
 `setup_training` then `train_loop`; checkpoints are utils/train/checkpoint.py, the loss
 utils/train/distill.py.
 """
@@ -13,6 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import torch
@@ -41,7 +43,8 @@ def cosine_schedule(optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: 
 def _deepspeed_config(cfg, rt: Runtime) -> dict:
     ds = json.loads(Path(cfg.deepspeed_config).read_text())
     ds.update(train_micro_batch_size_per_gpu=cfg.per_device_batch_size,
-              gradient_accumulation_steps=cfg.gradient_accumulation_steps, gradient_clipping=cfg.max_grad_norm,
+              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+              gradient_clipping=cfg.max_grad_norm or 0.0,  # DeepSpeed's 0: no clipping
               zero_allow_untested_optimizer=True, steps_per_print=10**9)
     use_bf16 = cfg.precision in ("bf16", "bf16_autocast") or (cfg.precision == "auto" and rt.device.type == "cuda")
     ds["bf16"] = {"enabled": use_bf16}
@@ -76,7 +79,10 @@ def _loss(model, teacher, ids, mask, autocast: bool, device) -> dict:
 
 
 def _grad_norm(model, cfg) -> float:
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.max_grad_norm)
+    """The total gradient norm, after clipping it to max_grad_norm (0 / None: no clipping, HF's meaning;
+    an infinite limit scales by exactly 1)."""
+    limit = cfg.max_grad_norm or math.inf
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], limit)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
@@ -128,13 +134,16 @@ def _memory_gb(device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def train_loop(cfg, model, teacher, optimizer, scheduler, train, val, rt, autocast, start: int, sink) -> dict:
-    """Steps `start`..max_steps with logging, evaluation and checkpoints; returns the final metrics."""
+def train_loop(cfg, model, teacher, optimizer, scheduler, train, val, rt, autocast, start: int, sink,
+               files: Optional[dict] = None, last: Optional[dict] = None) -> dict:
+    """Steps `start`..max_steps with logging, evaluation and checkpoints (every save_steps and the
+    last step, each with `files`); returns the final metrics. `last`: the metrics of step `start`
+    (from its checkpoint), reported when no step is left to run."""
     tokens_per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * rt.world_size * cfg.model_max_length
     metrics = {"val_kd_loss_start": evaluate(model, teacher, val, cfg, rt, autocast)}
     window, t0, t_start = [], time.perf_counter(), time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=progress_disabled())
-    last = {}
+    last = dict(last or {})
     for step in range(start, cfg.max_steps):
         last = train_step(model, teacher, optimizer, scheduler, train, cfg, step, rt, autocast)
         window.append(last["loss"])
@@ -151,8 +160,10 @@ def train_loop(cfg, model, teacher, optimizer, scheduler, train, val, rt, autoca
             window, t0 = [], time.perf_counter()
         if cfg.eval_steps and done % cfg.eval_steps == 0 and done != cfg.max_steps:
             sink.log({"val_kd_loss": evaluate(model, teacher, val, cfg, rt, autocast)}, done)
-        if cfg.save_steps and done % cfg.save_steps == 0 and done != cfg.max_steps:
-            save_checkpoint(cfg.output_dir, done, model, optimizer, scheduler, rt, cfg.save_total_limit)
+        if done == cfg.max_steps or cfg.save_steps and done % cfg.save_steps == 0:
+            step_metrics = {k: mean_across_ranks(last[k], rt) for k in ("loss", "kd")}
+            save_checkpoint(cfg.output_dir, done, model, optimizer, scheduler, rt, cfg.save_total_limit, files,
+                            step_metrics)
     bar.close()
     wall = time.perf_counter() - t_start
     metrics.update(steps=cfg.max_steps, steps_this_run=cfg.max_steps - start,

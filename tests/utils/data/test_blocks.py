@@ -1,16 +1,23 @@
-"""Training data: text / token_ids rows, packing, padding, cache, seeded split and batches, bad input.
+"""Training data: text / token_ids rows, packing, padding, cache (keyed on content and tokenizer),
+data tied to its tokenizer through the merged file's provenance, seeded split and batches, bad input.
 
     PYTHONPATH=. .venv/bin/python -m pytest -q tests/utils/data/test_blocks.py
 """
 
 import json
+import logging
 
 import pytest
 import torch
+from tokenizers import normalizers
 
+from models.loading import tokenizer_fingerprint
+from quant.errors import UserError
 from tests.conftest import make_byte_tokenizer
 from utils.data.blocks import DataConfig, batch_indices, load_blocks, pack_rows, pad_rows, read_token_rows, split_blocks
-from utils.io import JsonlError
+from utils.data.merge import provenance_path
+from utils.io import JsonlError, write_json
+from utils.provenance import data_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +102,56 @@ def test_batches_cover_each_epoch_once_and_shard_ranks():
     nxt = torch.cat([batch_indices(n, bs, m, 0, 1, seed=0) for m in range(10, 20)])
     assert sorted(nxt.tolist()) == list(range(n)) and not torch.equal(nxt, torch.cat(
         [batch_indices(n, bs, m, 0, 1, seed=0) for m in range(10)]))
+
+
+def test_cache_is_keyed_on_the_tokenizer_not_only_its_vocabulary(tmp_path, tok):
+    """Same vocabulary, EOS and pad ids, another normalizer: other ids, so another cache entry."""
+    path = _write(tmp_path / "d.jsonl", [{"text": "Hello World " * 4}] * 3)
+    cfg = DataConfig(train=path, cache_dir=str(tmp_path / "cache"))
+    lower = make_byte_tokenizer()
+    lower._tokenizer.normalizer = normalizers.Lowercase()
+    assert lower.get_vocab() == tok.get_vocab()
+    first = load_blocks(cfg, tok, 8)
+    want = pack_rows(read_token_rows(path, lower), 8, 2)["input_ids"]
+    assert torch.equal(load_blocks(cfg, lower, 8)["input_ids"], want)
+    assert not torch.equal(load_blocks(cfg, lower, 8)["input_ids"], first["input_ids"])
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2  # each entry says what made it
+
+
+def _with_provenance(path, tokenizer_fp, output=None):
+    write_json(provenance_path(path), {"tokenizer": tokenizer_fp, "output": output or data_fingerprint(path)})
+
+
+def test_data_of_another_tokenizer_is_refused(tmp_path, tok):
+    path = _write(tmp_path / "all_gen.jsonl", [{"text": "ab", "token_ids": [5, 6, 7, 8]}] * 40)
+    _with_provenance(path, "tok:0123456789abcdef")
+    cfg = DataConfig(train=path, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=rf"tok:0123456789abcdef.*{tokenizer_fingerprint(tok)}"):
+        load_blocks(cfg, tok, 8)
+
+
+def test_token_ids_without_provenance_warn(tmp_path, tok, caplog):
+    path = _write(tmp_path / "all_gen.jsonl", [{"text": "ab", "token_ids": [5, 6, 7, 8]}] * 4)
+    with caplog.at_level(logging.WARNING):
+        load_blocks(DataConfig(train=path, cache_dir=str(tmp_path / "c1")), tok, 8)
+    assert "no provenance" in caplog.text
+    caplog.clear()
+    _with_provenance(path, tokenizer_fingerprint(tok))  # the merged file's record, same tokenizer: silent
+    with caplog.at_level(logging.WARNING):
+        blocks = load_blocks(DataConfig(train=path, cache_dir=str(tmp_path / "c2")), tok, 8)
+    assert caplog.text == "" and blocks["input_ids"].shape == (2, 8)
+
+
+def test_a_stale_provenance_is_ignored(tmp_path, tok, caplog):
+    """A record written for another content (the file was edited after the merge) says nothing."""
+    path = _write(tmp_path / "all_gen.jsonl", [{"text": "ab", "token_ids": [5, 6, 7, 8]}] * 4)
+    _with_provenance(path, "tok:0123456789abcdef", output="0" * 64)
+    with caplog.at_level(logging.WARNING):
+        load_blocks(DataConfig(train=path, cache_dir=str(tmp_path / "cache")), tok, 8)
+    assert "changed after the merge" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs", [dict(val_fraction=1.0), dict(val_fraction=-0.1), dict(val_max_blocks=-1)])
+def test_bad_data_config_values(kwargs):
+    with pytest.raises(UserError, match="data.val_"):
+        DataConfig(**kwargs)

@@ -1,17 +1,29 @@
 """The shard merger: finds shards, validates every line (file:line errors), drops exact duplicates,
-shuffles with a seed, replaces the output atomically and reports missing / incomplete shards.
+shuffles with a seed, replaces the output atomically and reports missing / incomplete shards;
+refuses shards made alike only in name (settings, model / tokenizer fingerprints, no metadata)
+unless allow_mixed, never writes an empty output, and records the merged file's provenance.
 
     PYTHONPATH=. python -m pytest -q tests/utils/data/test_merge.py
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from recipes.merge import MergeConfig, merge
-from utils.data.merge import find_shards, format_summary, summary
-from utils.data.shards import write_meta
+from quant.errors import UserError
+from recipes.merge import MergeConfig, is_current, merge
+from utils.data.merge import find_shards, format_summary, provenance_path, summary
+from utils.data.shards import read_meta, write_meta
 from utils.io import JsonlError, read_jsonl
+from utils.provenance import data_fingerprint
+
+ROOT = Path(__file__).resolve().parents[3]
+SETTINGS = {"model": "tiny", "n_vocab": 50, "greedy_lengths": [3], "max_length": 64, "temperature": 1.0, "top_k": 50,
+            "top_p": 1.0, "seed": 0, "dtype": "float32", "vocab_size": 300, "eos_ids": [2]}
+PROVENANCE = {"inputs": {"model": "files:aaaa"}, "tokenizer": "tok:1111"}
 
 
 def _record(start, greedy_len=3, n=5):
@@ -20,9 +32,12 @@ def _record(start, greedy_len=3, n=5):
             "n_tokens": n, "finish": "length"}
 
 
-def _shard(folder, index, records, tail=""):
+def _shard(folder, index, records, tail="", meta=True, provenance=PROVENANCE, **changes):
+    """A shard file with its metadata (`changes` override settings; meta=False: none)."""
     path = folder / f"gen.chunk.{index:02d}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    if meta:
+        write_meta(path, {**SETTINGS, **changes, "shard": index}, provenance=provenance, complete=True)
     return path
 
 
@@ -88,7 +103,8 @@ def test_skip_bad_skips_and_counts(shards):
 
 def test_missing_and_incomplete_shards_are_reported(shards, capsys):
     _shard(shards, 3, [_record(60)])
-    write_meta(shards / "gen.chunk.03.jsonl", {"vocab_size": 300, "n_vocab": 50}, n_expected=4, complete=False)
+    write_meta(shards / "gen.chunk.03.jsonl", {**SETTINGS, "shard": 3}, provenance=PROVENANCE, n_expected=4,
+               complete=False)
     stats = merge(MergeConfig(in_dir=str(shards)))
     assert stats.missing_shards == [2, 4, 5]  # 300 ids / 50 per shard = shards 0..5
     assert stats.incomplete_shards == {"gen.chunk.03.jsonl": "1/4"}
@@ -101,3 +117,73 @@ def test_no_shards_is_a_clear_error(tmp_path):
         merge(MergeConfig(in_dir=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="no such directory"):
         merge(MergeConfig(in_dir=str(tmp_path / "nope")))
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"max_length": 128}, "max_length"), ({"seed": 1}, "seed"), ({"temperature": 0.7}, "temperature"),
+    ({"model": "other", "provenance": None}, "model"), ({"provenance": {"inputs": {"model": "files:bbbb"}, "tokenizer": "tok:1111"}},
+                                    "inputs.model"),
+    ({"provenance": {"inputs": {"model": "files:aaaa"}, "tokenizer": "tok:2222"}}, "tokenizer"),
+])
+def test_shards_made_differently_are_refused_unless_allow_mixed(shards, changes, key):
+    old = shards / "all_gen.jsonl"
+    old.write_text("previous output\n")
+    _shard(shards, 2, [_record(70)], **changes)
+    with pytest.raises(UserError, match=rf"{key} differs \(gen\.chunk\.00\.jsonl: .*gen\.chunk\.02\.jsonl: .*allow_mixed"):
+        merge(MergeConfig(in_dir=str(shards)))
+    assert old.read_text() == "previous output\n"
+    stats = merge(MergeConfig(in_dir=str(shards), allow_mixed=True))
+    assert stats.records == 31 and key in stats.mixed
+    prov = json.loads(provenance_path(old).read_text())
+    stats_file = json.loads(old.with_suffix(".stats.json").read_text())
+    assert key in prov["mixed"] and key in stats_file["mixed"]
+    assert "MIXED" in format_summary(stats_file)
+
+
+def test_a_moved_model_folder_with_the_same_fingerprint_is_not_a_difference(shards):
+    _shard(shards, 2, [_record(70)], model="/elsewhere/tiny")
+    assert merge(MergeConfig(in_dir=str(shards))).mixed == {}
+
+
+def test_shards_without_metadata_are_refused_unless_allow_mixed(shards):
+    _shard(shards, 2, [_record(70)], meta=False)
+    with pytest.raises(UserError, match=r"no metadata .*gen\.chunk\.02\.jsonl.*allow_mixed=true"):
+        merge(MergeConfig(in_dir=str(shards)))
+    stats = merge(MergeConfig(in_dir=str(shards), allow_mixed=True))
+    assert stats.mixed == {"no_metadata": ["gen.chunk.02.jsonl"]}
+    prov = json.loads(provenance_path(shards / "all_gen.jsonl").read_text())
+    assert prov["tokenizer"] is None and prov["inputs"]["model"] is None  # not known for every shard
+
+
+def test_provenance_records_config_shards_model_and_tokenizer(shards):
+    cfg = MergeConfig(in_dir=str(shards), seed=7)
+    merge(cfg)
+    out = shards / "all_gen.jsonl"
+    prov = json.loads(provenance_path(out).read_text())
+    assert prov["config"]["seed"] == 7 and prov["config"]["allow_mixed"] is False
+    assert prov["inputs"]["shards"] == {p.name: data_fingerprint(p) for p in find_shards(shards)}
+    assert prov["inputs"]["model"] == "files:aaaa" and prov["tokenizer"] == "tok:1111"
+    assert prov["output"] == data_fingerprint(out) and prov["mixed"] == {}
+    assert prov["settings"]["max_length"] == 64 and "shard" not in prov["settings"]
+    assert is_current(cfg) and not is_current(MergeConfig(in_dir=str(shards), seed=8))
+    _shard(shards, 1, [_record(i, n=i) for i in range(20, 41)])  # a shard's content changed
+    assert not is_current(cfg)
+
+
+@pytest.mark.parametrize("case", ["empty_shards", "all_bad_skipped"])
+def test_zero_records_never_replace_the_output(shards, case):
+    for index in (0, 1):
+        _shard(shards, index, [], tail="" if case == "empty_shards" else "not json\n")
+    old = shards / "all_gen.jsonl"
+    old.write_text('{"text": "kept", "token_ids": [1]}\n')
+    with pytest.raises(UserError, match="no records"):
+        merge(MergeConfig(in_dir=str(shards), skip_bad=True))
+    assert old.read_text() == '{"text": "kept", "token_ids": [1]}\n'
+
+
+def test_merge_gen_data_exits_2_naming_the_key(shards):
+    _shard(shards, 2, [_record(70)], seed=5)
+    cmd = [sys.executable, str(ROOT / "merge_gen_data.py"), f"in_dir={shards}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "seed differs" in proc.stderr and "Traceback" not in proc.stderr
+    assert read_meta(shards / "gen.chunk.02.jsonl")["settings"]["seed"] == 5

@@ -70,3 +70,25 @@ def test_c4_windows_follow_the_gptq_sampling(tiny):
     assert perplexity_of_windows(model, windows)["windows"] == 5
     with pytest.raises(ValueError, match="more than seqlen"):
         c4_windows(tok, ["a", "b"], seqlen=32)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_per_window_nll_and_bootstrap_interval(tiny, batch_size):
+    """Each window's summed NLL is kept (as a direct forward gives it), the ppl is the one of the
+    batch totals, bit for bit, and its 95 % interval over windows contains it."""
+    from utils.eval.perplexity import window_nll
+    from utils.eval.stats import ppl_ci95
+
+    model, tok = tiny
+    windows = make_windows(tokenize_stream(tok, TEXT), 32)
+    got = perplexity_of_windows(model, windows, batch_size)
+    total, count = window_nll(model, windows, batch_size)  # the path without per-window data
+    assert got["ppl"] == math.exp(total / count)
+    per = got["per_window"]
+    assert len(per["nll"]) == len(windows) and per["tokens"] == [31] * len(windows)
+    for i in (0, len(windows) - 1):
+        want = math.log(direct_ppl(model, windows[i], 32)) * 31
+        assert per["nll"][i] == pytest.approx(want, rel=1e-5)
+    assert sum(per["nll"]) == pytest.approx(total, rel=1e-6)
+    lo, hi = got["ppl_ci95"]
+    assert lo < got["ppl"] < hi and got["ppl_ci95"] == ppl_ci95(per["nll"], per["tokens"])

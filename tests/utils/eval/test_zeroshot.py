@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from models import load_model, quantize_model
 from quant.config import QuantConfig
 from tests.conftest import save_tiny_model_dir
+from utils.eval.stats import binomial_stderr
 from utils.eval.tasks import TASKS, ZERO_SHOT_TASKS, MCDoc, load_task
 from utils.eval.zeroshot import encode_doc, encode_pair, evaluate_docs, score_doc, score_pairs
 
@@ -62,6 +63,9 @@ def test_scores_and_metrics_match_direct_per_choice_computation(tiny, data_dir, 
     assert ("acc_norm" in result) == TASKS[task].acc_norm
     if TASKS[task].acc_norm:
         assert result["acc_norm"] == pytest.approx(np.mean(norms))
+        assert result["per_example"]["acc_norm"] == "".join(str(int(v)) for v in norms)
+    assert result["per_example"]["acc"] == "".join(str(int(v)) for v in accs)  # paired comparisons use these
+    assert result["acc_stderr"] == pytest.approx(binomial_stderr(result["acc"], 3))
 
 
 def test_prefix_reuse_batching_and_padding_do_not_change_scores(tiny):

@@ -95,3 +95,40 @@ def test_chunked_equals_plain_with_gradients(chunk):
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         KDLoss(**kwargs)
+
+
+def _token_kl_plain(s, t, temp=1.0):
+    """The formula before the 0 log 0 = 0 guard (NaN at a -inf teacher logit)."""
+    log_s = nn.functional.log_softmax(s.float() / temp, dim=-1)
+    log_t = nn.functional.log_softmax(t.float() / temp, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1) * temp**2
+
+
+@pytest.mark.parametrize("temp", [1.0, 1.5])
+def test_token_kl_is_bit_identical_to_the_plain_formula_on_finite_logits(temp):
+    torch.manual_seed(3)
+    s, t = torch.randn(64, 301) * 4, torch.randn(64, 301) * 4
+    assert torch.equal(token_kl(s, t, temp), _token_kl_plain(s, t, temp))
+
+
+def test_minus_inf_teacher_logits_give_a_finite_loss_and_gradient():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 6, requires_grad=True), torch.randn(3, 6)
+    t[:, 4:] = float("-inf")  # tokens the teacher can never emit
+    t[2, 0] = float("-inf")
+    assert torch.isnan(_token_kl_plain(s.detach(), t)).all()  # what the plain formula gives
+    got = token_kl(s, t)
+    want = torch.tensor([_kl_by_hand(s[i, :4].tolist(), t[i, :4].tolist(), 1.0) for i in range(2)])
+    torch.testing.assert_close(got[:2], want + _logsumexp_gap(s[:2], 4), rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(s.grad).all()
+    head_s, head_t, hid_s, hid_t, labels, mask = _setup()
+    masked_head = lambda h: head_t(h).masked_fill(torch.arange(11) >= 9, float("-inf"))  # noqa: E731
+    out = KDLoss(chunk_size=4)(hid_s, head_s, hid_t, masked_head, labels, mask)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and torch.isfinite(hid_s.grad).all()
+
+
+def _logsumexp_gap(s, k):
+    """KL over all V student classes minus KL over the first k: the student's mass outside them."""
+    return torch.logsumexp(s.detach(), -1) - torch.logsumexp(s.detach()[:, :k], -1)
