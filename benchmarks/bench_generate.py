@@ -9,6 +9,11 @@ max_length=j)` and then `generate(do_sample=True, max_length=max_length)` per se
 `utils.data.generation.generate_sequences` over more start tokens (throughput needs a full batch). Only
 real tokens are counted (generated tokens, no padding, the start token excluded). Also prints the
 matmul roofline: measured float32 matmul FLOP/s over 2 x parameters FLOPs per token.
+
+`compile=true` instead times our decoder eager and then with torch.compiled decoder layers (what
+generate_data.py compile=true does), same jobs, and prints the tokens/s ratio:
+
+    flock /tmp/llmqat_heavy.lock python benchmarks/bench_generate.py compile=true ours_starts=32 batch_size=32 max_length=64
 """
 
 import sys
@@ -22,13 +27,14 @@ import torch  # noqa: E402
 from models import load_model  # noqa: E402
 from recipes.generate import eos_ids_of, skipped_ids  # noqa: E402
 from utils.data.generation import Sampling, generate_sequences  # noqa: E402
+from utils.distributed import compile_layers  # noqa: E402
 
 GREEDY = (3, 4, 5)
 
 
 def _args(argv):
     opts = {"model": "smollm2-135m", "max_length": "128", "base_starts": "2", "ours_starts": "256",
-            "batch_size": "256", "threads": "0"}
+            "batch_size": "256", "threads": "0", "compile": "false"}
     for item in argv:
         key, _, value = item.partition("=")
         if key not in opts:
@@ -80,6 +86,20 @@ def compare(model, tokenizer, base_starts: int, ours_starts: int, max_length: in
     return out
 
 
+def compare_compile(model, tokenizer, starts: int, max_length: int, batch_size: int) -> dict:
+    """Tokens/s of our decoder eager, then with compiled decoder layers (the compile, a short probe
+    generation, timed apart; the compiled run is the second call, after shape recompiles)."""
+    eos, ids = eos_ids_of(model, tokenizer, None), start_ids(tokenizer, starts, min(1000, len(tokenizer) // 2))
+    out = {"eager": bench_ours(model, ids, max_length, batch_size, eos)}
+    t0 = time.perf_counter()
+    ok = compile_layers(model, lambda: bench_ours(model, ids[:batch_size], max_length, batch_size, eos))
+    out["compile_s"], out["compiled_ok"] = time.perf_counter() - t0, ok
+    out["compiled"] = bench_ours(model, ids, max_length, batch_size, eos)
+    rates = {k: out[k][0] / out[k][1] for k in ("eager", "compiled")}
+    out["ratio"] = rates["compiled"] / rates["eager"]
+    return {**out, "tokens_per_s": rates}
+
+
 def matmul_flops(n=2048, repeats=5):
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
@@ -103,6 +123,12 @@ def main():
     params = sum(p.numel() for p in model.parameters())
     print(f"model {opts['model']}: {params / 1e6:.1f}M params, torch threads {torch.get_num_threads()}, "
           f"max_length {max_length}, greedy {GREEDY}, top_k 50, T 1.0")
+    if opts["compile"] == "true":
+        res = compare_compile(model, tok, int(opts["ours_starts"]), max_length, int(opts["batch_size"]))
+        print(f"ours eager {res['tokens_per_s']['eager']:.1f} tok/s, compiled (ok={res['compiled_ok']}) "
+              f"{res['tokens_per_s']['compiled']:.1f} tok/s: ratio compiled/eager {res['ratio']:.2f}x "
+              f"(compile + probe {res['compile_s']:.0f} s)")
+        return
     res = compare(model, tok, int(opts["base_starts"]), int(opts["ours_starts"]), max_length, int(opts["batch_size"]))
     base, ours = res["original"], res["ours"]
     print(f"original (HF generate, 1 sequence at a time): {base['tokens']} tokens in {base['seconds']:.1f} s = "

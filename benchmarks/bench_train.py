@@ -9,6 +9,11 @@ peak RSS over the RSS once the inputs exist (VmHWM reset through /proc/self/clea
 in a fresh subprocess that loads no model, with glibc's mmap threshold pinned at 64 KiB: otherwise
 malloc keeps freed chunk-sized blocks on its heap and the chunked loss's RSS grows by what the
 allocator holds (about 2.4 GiB over 4,096 tokens), not by its live tensors (about 0.35 GiB).
+
+`--compile` instead times the W4A8KV8 QAT-KD step with the student's decoder layers torch.compiled
+(what train.py compile=true does) against eager, in alternating blocks, and prints the ratio:
+
+    flock /tmp/llmqat_heavy.lock .venv/bin/python benchmarks/bench_train.py --compile --seqlen 128 --steps 3 --rounds 2
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import dequantize_model, load_model, set_quantizers_enabled  # noqa: E402
 from models.loading import convert_gguf, resolve_model  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
+from utils.distributed import compile_layers, decoder_layers  # noqa: E402
 from utils.eval.datasets import wikitext2_text  # noqa: E402
 from utils.train.distill import DistillStudent, KDLoss, next_token_labels, teacher_hidden_states, token_kl  # noqa: E402
 
@@ -105,6 +111,37 @@ def time_variants(model, teacher, optimizer, ids, steps: int, rounds: int, autoc
         median = statistics.median(times[name])
         result[name] = {"median_s": median, "tokens_per_s": ids.numel() / median, "times_s": times[name]}
     result["ratio"] = result["qat_kd_w4a8kv8"]["median_s"] / result["kd_fp"]["median_s"]
+    return result
+
+
+def _set_forwards(layers, forwards) -> None:
+    """Each layer's forward: the given (compiled) function, or None for its class's eager forward."""
+    for layer, forward in zip(layers, forwards):
+        if forward is None:
+            vars(layer).pop("forward", None)
+        else:
+            layer.forward = forward
+
+
+def bench_compile(args) -> dict:
+    """Median W4A8KV8 QAT-KD step time, decoder layers torch.compiled vs eager, in blocks of `steps`
+    (each after one warm-up step) alternating `rounds` times; the compile (its probe step) timed apart."""
+    model, teacher, optimizer, tok = build_kd(args.model, args.chunk, args.fp32_quant)
+    ids, layers = fixed_batch(tok, args.batch, args.seqlen), decoder_layers(model.lm)
+    t0 = time.perf_counter()
+    ok = compile_layers(model.lm, lambda: train_step(model, teacher, optimizer, ids))
+    result = {"compiled": ok, "compile_s": time.perf_counter() - t0}
+    if not ok:
+        return result
+    variants = {"eager": [None] * len(layers), "compiled": [vars(layer)["forward"] for layer in layers]}
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, forwards in variants.items():
+            _set_forwards(layers, forwards)
+            times[name] += [train_step(model, teacher, optimizer, ids) for _ in range(args.steps + 1)][1:]
+    for name in variants:
+        result[name] = {"median_s": statistics.median(times[name]), "times_s": times[name]}
+    result["ratio_compiled_over_eager"] = result["compiled"]["median_s"] / result["eager"]["median_s"]
     return result
 
 
@@ -191,6 +228,8 @@ def main() -> None:
                         help="tokens of the memory benchmark (one sequence, whatever --batch)")
     parser.add_argument("--fp32-quant", action="store_true",
                         help="fast_math=true: the fake quantizer's arithmetic in float32 instead of float64")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the QAT-KD step with torch.compiled decoder layers against eager (only that)")
     parser.add_argument("--memory-child", choices=("naive", "chunked"))
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -201,6 +240,14 @@ def main() -> None:
     result = {"batch": args.batch, "seqlen": args.seqlen, "chunk": args.chunk, "steps": args.steps,
               "rounds": args.rounds, "threads": torch.get_num_threads(), "fp32_quant": args.fp32_quant,
               "mem_seqlen": args.mem_seqlen}
+    if args.compile:
+        result["compile"] = c = bench_compile(args)
+        if c["compiled"]:
+            print(f"compile: QAT-KD W4A8KV8 step eager {c['eager']['median_s']:.3f} s, compiled "
+                  f"{c['compiled']['median_s']:.3f} s, ratio compiled/eager {c['ratio_compiled_over_eager']:.2f}x "
+                  f"(compile {c['compile_s']:.0f} s)", flush=True)
+        print(json.dumps(result, indent=2))
+        return
     if not args.skip_step:
         result["step"] = bench_step(args)
         print(f"step: KD fp {result['step']['kd_fp']['median_s']:.3f} s, QAT-KD W4A8KV8 "

@@ -34,7 +34,7 @@ from torch import nn
 
 from quant.config import GGUF_FORMATS, QuantConfig, QuantSpec, is_off
 from quant.fake_quant import quantize_codes
-from quant.linear import QuantLinear
+from quant.packed import encoded_state_dict, quantized_linears
 
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED, INT_QUANTIZED = "pack-quantized", "int-quantized"
@@ -134,28 +134,14 @@ def compress_weight(weight: torch.Tensor, spec: QuantSpec, fmt: str) -> dict[str
     return tensors
 
 
-def weight_quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled}
-
-
 def ignored_linears(model: nn.Module) -> list[str]:
     """Names of the linears left dense (lm_head, non-target projections): the config's `ignore`."""
-    quantized = weight_quantized_linears(model)
+    quantized = quantized_linears(model)
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized]
 
 
 def compressed_state_dict(model: nn.Module, qcfg: QuantConfig,
                           dense_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Compressed tensors of every weight-quantized linear + the other tensors, dense (tied ones once)."""
-    fmt, state, seen = compression_format(qcfg), {}, set()
-    for name, module in weight_quantized_linears(model).items():
-        for key, tensor in compress_weight(module.weight, module.weight_quantizer.spec, fmt).items():
-            state[f"{name}.{key}"] = tensor.contiguous()
-        seen.add(module.weight.data_ptr())
-    for key, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue  # a compressed weight, or a tied copy of a tensor already written
-        seen.add(tensor.data_ptr())
-        state[key] = tensor.detach().to(dense_dtype or tensor.dtype).contiguous()
-    return state
+    fmt = compression_format(qcfg)
+    return encoded_state_dict(model, lambda weight, spec: compress_weight(weight, spec, fmt), dense_dtype)

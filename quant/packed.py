@@ -23,7 +23,7 @@ fake-quant student's exactly, activation quantization included (same functions, 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -90,22 +90,29 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
             if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled}
 
 
-def packed_state_dict(model: nn.Module, dense_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """Packed tensors of every weight-quantized linear + the other tensors, dense (tied ones once)."""
+def encoded_state_dict(model: nn.Module, encode: Callable[[torch.Tensor, QuantSpec], dict],
+                       dense_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """`encode(weight, spec)`'s tensors of every weight-quantized linear (as `<name>.<key>`) + the
+    other tensors, dense in `dense_dtype` (tied ones once). Shared by packed and compressed-tensors."""
     linears = quantized_linears(model)
     if not linears:
         raise UserError("the model has no weight-quantized linear (w_bits is 16/32?): nothing to pack")
     state, seen = {}, set()
     for name, module in linears.items():
-        for key, tensor in pack_weight(module.weight, module.weight_quantizer.spec).items():
+        for key, tensor in encode(module.weight, module.weight_quantizer.spec).items():
             state[f"{name}.{key}"] = tensor.contiguous()
         seen.add(module.weight.data_ptr())
     for key, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen:
-            continue  # a packed weight, or a tied copy of a tensor already written
+            continue  # an encoded weight, or a tied copy of a tensor already written
         seen.add(tensor.data_ptr())
         state[key] = tensor.detach().to(dense_dtype or tensor.dtype).contiguous()
     return state
+
+
+def packed_state_dict(model: nn.Module, dense_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Packed tensors of every weight-quantized linear + the other tensors, dense (tied ones once)."""
+    return encoded_state_dict(model, pack_weight, dense_dtype)
 
 
 def quantization_config(qcfg: QuantConfig, spec: QuantSpec, dense_dtype: torch.dtype) -> dict:

@@ -37,6 +37,7 @@ from quant.errors import UserError
 from utils.config import to_dict
 from utils.data.generation import Sampling, generate_sequences, mask_dtype
 from utils.data.shards import ShardWriter, check_meta, done_keys, read_meta, repair_shard, shard_path, write_meta
+from utils.distributed import compile_layers, process_ranks
 from utils.logging import progress_disabled
 from utils.provenance import provenance
 
@@ -60,6 +61,7 @@ class GenerateConfig:
             "walk" (consecutive ids, the original code); see the module docstring.
         attn_implementation: eager / sdpa (what the slot-cache decoder serves); None: transformers' default.
         quantized: generate from a saved student's fake-quantized model instead of its full-precision weights.
+        compile: torch.compile the decoder layers (checked on one short sequence; eager where it fails).
     """
 
     model: str = "smollm2-135m"
@@ -80,6 +82,7 @@ class GenerateConfig:
     start_ids: str = "random"
     attn_implementation: Optional[str] = None
     quantized: bool = False
+    compile: bool = False
 
     def __post_init__(self):
         checks = [(self.n_vocab >= 1, "n_vocab must be >= 1"), (self.max_length >= 2, "max_length must be >= 2"),
@@ -100,7 +103,7 @@ class GenerateConfig:
 START_IDS = ("random", "walk")
 # Keys that do not decide a shard's records, or differ between the shards of one run: left out of
 # the provenance config (the merger compares it across shards) and recorded under "runtime".
-RUNTIME_KEYS = ("shard", "out_dir", "batch_size", "device", "num_threads", "attn_implementation")
+RUNTIME_KEYS = ("shard", "out_dir", "batch_size", "device", "num_threads", "attn_implementation", "compile")
 
 
 def check_attn_implementation(name: Optional[str]) -> None:
@@ -126,10 +129,12 @@ def resolve_shard(shard: Optional[int]) -> int:
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto: cuda:(local rank modulo the visible GPUs), so that a task that sees all of its node's GPUs
+    takes its own and one that sees only its own (srun --gpus-per-task=1) takes cuda:0; else cpu."""
     if device != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", process_ranks().local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -192,7 +197,7 @@ def shard_meta(cfg: GenerateConfig, shard: int, jobs: list, model, tokenizer, de
     """What the shard's metadata records besides its settings (layout: utils/data/shards.py)."""
     config = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
     runtime = {"shard": shard, "batch_size": cfg.batch_size, "device": str(device), "num_threads": cfg.num_threads,
-               "attn_implementation": model.config._attn_implementation}
+               "attn_implementation": model.config._attn_implementation, "compile": cfg.compile}
     ids = list(dict.fromkeys(i for i, _ in jobs))
     return {"provenance": provenance(config, inputs={"model": model_fingerprint(cfg.model)}, tokenizer=tokenizer,
                                      device=device),
@@ -240,6 +245,8 @@ def run(cfg: GenerateConfig) -> Path:
     logger.info("config: %s", cfg)
     model, tokenizer = load_generator(cfg, device)
     vocab_size, eos = len(tokenizer), eos_ids_of(model, tokenizer, cfg.eos_ids)
+    if cfg.compile:
+        compile_generator(model, cfg)
     jobs = shard_jobs(shard, cfg.n_vocab, cfg.greedy_lengths, vocab_size, skipped_ids(tokenizer), cfg.start_ids,
                       cfg.seed)
     path = shard_path(cfg.out_dir, shard)
@@ -258,6 +265,15 @@ def run(cfg: GenerateConfig) -> Path:
     logger.info("shard %d done: %d new sequences, %d new tokens in %.1f s (%.1f tok/s)", shard, len(todo), tokens,
                 elapsed, tokens / max(elapsed, 1e-9))
     return path
+
+
+def compile_generator(model, cfg: GenerateConfig) -> bool:
+    """torch.compile the decoder layers, checked on one short sequence (eager with a warning where it fails)."""
+    def probe():
+        list(generate_sequences(model, [(0, 1)], max_length=min(4, cfg.max_length),
+                                batch_size=cfg.batch_size, seed=cfg.seed, eos_ids=[], sampling=Sampling()))
+
+    return compile_layers(model, probe)
 
 
 def _write_records(model, tokenizer, cfg: GenerateConfig, todo: list, path: Path, eos: list, total: int) -> int:

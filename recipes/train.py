@@ -14,7 +14,12 @@ one of the last step) -> save `student/` (provenance in its `llmqat_meta.json`),
 Precision (`precision`): `auto` = bf16 autocast over fp32 weights on GPU, plain fp32 on CPU (CPU
 bf16 autocast is slower than fp32 on most CPUs and the fake quantizers compute in fp32/fp64 anyway);
 `bf16_autocast`, `fp32`, or `bf16` (bf16 weights, as the original code). Under DeepSpeed, bf16 means
-DeepSpeed's bf16 mode (bf16 weights, fp32 master copy in the optimizer).
+DeepSpeed's bf16 mode (bf16 weights, fp32 master copy in the optimizer). FSDP2 reduces gradients in
+fp32 and gathers bf16 only for bf16 weights (utils/distributed.py `fsdp_mp_policy`).
+
+`compile=true` torch.compiles the student's decoder layers (fake quantizers included), checked with
+one forward and backward at the training shape; where torch.compile fails it warns and runs eager
+(also under DeepSpeed, whose engine hooks the layers).
 """
 
 from __future__ import annotations
@@ -44,13 +49,14 @@ from utils.distributed import (
     check_device,
     check_world_size,
     env_world_size,
+    process_ranks,
     setup_runtime,
 )
 from utils.io import atomic_write_text, write_json
 from utils.provenance import config_hash, data_fingerprint, provenance
 from utils.train.checkpoint import check_resume, find_checkpoint, load_checkpoint, save_student
 from utils.train.distill import DistillStudent, KDLoss
-from utils.train.loop import setup_training, train_loop
+from utils.train.loop import compile_student, resolve_precision, setup_training, train_loop
 from utils.train.metrics import REPORT_TO, NullLogger, make_metrics_logger
 
 logger = logging.getLogger(__name__)
@@ -59,7 +65,7 @@ PRECISIONS = ("auto", "fp32", "bf16_autocast", "bf16")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
 # keys a resumed run may change: they do not change what is computed (max_steps extends the run)
 RESUME_MAY_CHANGE = ("max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "report_to",
-                     "resume", "output_dir", "data.cache_dir", "gradient_checkpointing", "loss_chunk_size")
+                     "resume", "output_dir", "data.cache_dir", "gradient_checkpointing", "loss_chunk_size", "compile")
 
 
 def _at_least(low, strict: bool = False, none_ok: bool = False):
@@ -108,6 +114,7 @@ class TrainConfig:
             save_total_limit: keep the newest N (0 or null: all); resume: none | auto | a checkpoint folder.
         logging_steps / eval_steps: metrics line / held-out KD loss every N steps (eval 0: start and end only).
         attn_implementation: eager | sdpa | ... for student and teacher (null: transformers' default).
+        compile: torch.compile the student's decoder layers (module docstring; eager where it fails).
     Valid ranges: `RANGES`, checked here, before anything is loaded.
     """
 
@@ -144,6 +151,7 @@ class TrainConfig:
     eval_steps: int = 0
     report_to: str = "none"
     attn_implementation: Optional[str] = None
+    compile: bool = False
 
     def __post_init__(self):
         for name, check, valid in RANGES:
@@ -166,7 +174,8 @@ def check_inputs(cfg: TrainConfig) -> dict:
     world = env_world_size()
     check_world_size(cfg.backend, world)
     if world != cfg.nproc:
-        raise UserError(f"nproc={cfg.nproc} but this run has WORLD_SIZE={world}: launch with run_train.sh "
+        source = "SLURM_NTASKS" if process_ranks().source == "slurm" else "WORLD_SIZE"
+        raise UserError(f"nproc={cfg.nproc} but this run has {source}={world}: launch with run_train.sh "
                          f"(or torchrun --nproc_per_node {cfg.nproc})")
     check_device(cfg.device)
     if cfg.backend == "deepspeed" and not Path(cfg.deepspeed_config).is_file():
@@ -200,7 +209,7 @@ def _checked_model_folder(cfg: TrainConfig) -> str:
 def _dtypes(cfg: TrainConfig, rt: Runtime) -> tuple[torch.dtype, torch.dtype, bool]:
     """(student weight dtype, teacher dtype, use bf16 autocast)."""
     gpu = rt.device.type == "cuda"
-    precision = ("bf16_autocast" if gpu else "fp32") if cfg.precision == "auto" else cfg.precision
+    precision = resolve_precision(cfg.precision, rt.device.type)
     teacher = cfg.teacher_dtype if cfg.teacher_dtype != "auto" else ("bfloat16" if gpu else "float32")
     student = torch.bfloat16 if precision == "bf16" else torch.float32
     autocast = precision == "bf16_autocast" and cfg.backend != "deepspeed"
@@ -259,6 +268,7 @@ def run(cfg: TrainConfig) -> dict:
         logger.info("resolved config:\n%s", to_yaml(cfg))
     student_dtype, teacher_dtype, autocast = _dtypes(cfg, rt)
     student, teacher, tokenizer = build_models(cfg, rt, student_dtype, teacher_dtype)
+    compiled = compile_student(cfg, student, rt, autocast)
     train, val = build_data(cfg, tokenizer, rt)
     loss = KDLoss(cfg.kd_temperature, cfg.kd_loss_scale, cfg.ce_loss_scale, cfg.kd_reduction, cfg.loss_chunk_size)
     model, optimizer, scheduler = setup_training(cfg, DistillStudent(student, loss), rt)
@@ -272,7 +282,7 @@ def run(cfg: TrainConfig) -> dict:
     save_student(cfg, model, tokenizer, rt, prov)  # after the last step's checkpoint: a failed save loses nothing
     metrics.update(quant=cfg.quant.tag(), backend=cfg.backend, world_size=rt.world_size,
                    train_blocks=len(train["input_ids"]), val_blocks=len(val["input_ids"]), resumed_from=str(ckpt),
-                   provenance=prov)
+                   compiled=compiled, provenance=prov)
     if rt.is_main:  # only now: a failed run leaves the previous student's config and metrics as they were
         atomic_write_text(out / "train_config.yaml", to_yaml(cfg))
         write_json(out / "train_metrics.json", metrics)

@@ -8,6 +8,17 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each decoder layer and then 
 final norm and the tied lm_head stay together in the root group, which FSDP keeps unsharded between
 forward and backward, so the chunked KD loss can call `lm_head` many times per step). DeepSpeed is
 initialised by `recipes.train` (it also owns the optimizer); here only its process group is set up.
+
+Launchers: torchrun (and DeepSpeed's launcher) set RANK / WORLD_SIZE / LOCAL_RANK; under Slurm's
+`srun` without torchrun, `process_ranks` reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID instead
+and `setup_runtime` exports them under torchrun's names (MASTER_ADDR / MASTER_PORT must be set, as
+run_train.sh's srun launcher does).
+
+Mixed precision under FSDP2 (`fsdp_mp_policy`): gradients are always reduced in float32. With
+precision=bf16 (bf16 weights) parameters are gathered in bf16; with bf16_autocast they are gathered
+in float32, as stored: autocast casts the matmul inputs anyway, and gathering in bf16 would hand the
+weight fake quantizer bf16-rounded weights, a grid different from the one export computes from the
+saved float32 weights.
 """
 
 from __future__ import annotations
@@ -17,13 +28,14 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from quant.errors import UserError
@@ -47,8 +59,27 @@ class Runtime:
         return self.rank == 0
 
 
+class Ranks(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def process_ranks(env: Optional[Mapping[str, str]] = None) -> Ranks:
+    """This process's place: torchrun's RANK / WORLD_SIZE / LOCAL_RANK when RANK is set, else Slurm's
+    SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (an `srun` task), else one process. Starts nothing."""
+    env = os.environ if env is None else env
+    if "RANK" in env:
+        return Ranks(int(env["RANK"]), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")), "torchrun")
+    if env.get("SLURM_PROCID", "").isdigit():
+        world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1")
+        return Ranks(int(env["SLURM_PROCID"]), int(world), int(env.get("SLURM_LOCALID", "0")), "slurm")
+    return Ranks(0, int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")), "single")
+
+
 def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return process_ranks().world_size
 
 
 def check_world_size(backend: str, world_size: int) -> None:
@@ -73,6 +104,9 @@ def check_device(device: str) -> None:
 
 
 def _nodes() -> int:
+    slurm_nodes = os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES")
+    if "LOCAL_WORLD_SIZE" not in os.environ and slurm_nodes and slurm_nodes.isdigit():
+        return int(slurm_nodes)
     return max(1, env_world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", env_world_size())))
 
 
@@ -92,18 +126,35 @@ def _single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def _export_slurm_ranks(ranks: Ranks) -> None:
+    """torchrun's variable names for an `srun` task, which init_process_group("env://") reads.
+
+    Raises:
+        UserError: MASTER_ADDR is not set (srun does not set it; run_train.sh's srun launcher does).
+    """
+    if ranks.world_size == 1:
+        return  # _single_process_env starts a one-process group on this machine
+    if "MASTER_ADDR" not in os.environ:
+        raise UserError("an srun task without MASTER_ADDR: export MASTER_ADDR (the first node) and MASTER_PORT, "
+                        "or launch with LAUNCHER=srun sh run_train.sh (docs/training.md)")
+    os.environ.update(RANK=str(ranks.rank), WORLD_SIZE=str(ranks.world_size), LOCAL_RANK=str(ranks.local_rank))
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
 def setup_runtime(backend: str, seed: int, device: str = "auto") -> Runtime:
     """Check the world size, start the process group (nccl on GPU, gloo on CPU), pick the device, seed.
 
     Raises:
         ValueError: a backend / world size combination that cannot work.
     """
-    world = env_world_size()
+    ranks = process_ranks()
+    rank, world, local_rank = ranks.rank, ranks.world_size, ranks.local_rank
     check_world_size(backend, world)
     check_device(device)
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if ranks.source == "slurm" and backend != "none":
+        _export_slurm_ranks(ranks)
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dev = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if backend != "none" and world == 1 and "RANK" not in os.environ:
@@ -141,15 +192,48 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def wrap_model(model: nn.Module, backend: str, rt: Runtime) -> nn.Module:
-    """Wrap a module (with `.lm` the HF model) for `backend`; deepspeed is wrapped by its engine."""
+def fsdp_mp_policy(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's mixed precision for a resolved `precision` (fp32 | bf16_autocast | bf16): float32
+    gradient reduction always; bf16 gathers only where the weights are bf16 (module docstring).
+    Forward inputs are not cast: the root's include the teacher's hidden states, which must keep the
+    teacher head's dtype."""
+    param_dtype = torch.bfloat16 if precision == "bf16" else None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def wrap_model(model: nn.Module, backend: str, rt: Runtime, precision: str = "fp32") -> nn.Module:
+    """Wrap a module (with `.lm` the HF model) for `backend`; deepspeed is wrapped by its engine.
+    `precision`: the resolved precision (fp32 | bf16_autocast | bf16), FSDP2's `fsdp_mp_policy`."""
     if backend == "ddp":
         return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if backend == "fsdp":
+        policy = fsdp_mp_policy(precision)
         for layer in decoder_layers(model.lm):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
     return model
+
+
+def compile_layers(lm: nn.Module, probe: Callable[[], object]) -> bool:
+    """torch.compile each decoder layer of `lm` (with its fake quantizers) in place, then run `probe`
+    (e.g. one forward and backward) so that a compiler failure shows now; on any failure, warn and
+    put the eager forwards back. Returns whether the layers stay compiled.
+
+    Per layer, as torchtune does: small graphs, the same code for every layer, and FSDP2's per-layer
+    hooks stay outside the graphs. Parameter names do not change (the forward is an instance attribute).
+    """
+    layers = decoder_layers(lm)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    try:
+        probe()
+    except Exception as err:  # noqa: BLE001 - any compiler failure: eager computes the same function
+        for layer in layers:
+            del layer.forward
+        logger.warning("compile=true: torch.compile failed here (%s: %s); running eager",
+                       type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return False
+    return True
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from utils.data.blocks import batch_indices
-from utils.distributed import Runtime, mean_across_ranks, wrap_model
+from utils.distributed import Runtime, compile_layers, mean_across_ranks, wrap_model
 from utils.logging import progress_disabled
 from utils.train.checkpoint import save_checkpoint
 from utils.train.distill import teacher_hidden_states
@@ -40,20 +40,30 @@ def cosine_schedule(optimizer, warmup_steps: int, max_steps: int, min_lr_ratio: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def resolve_precision(precision: str, device_type: str) -> str:
+    """`precision` with auto resolved: bf16 autocast over float32 weights on a GPU, float32 elsewhere."""
+    if precision == "auto":
+        return "bf16_autocast" if device_type == "cuda" else "fp32"
+    return precision
+
+
 def _deepspeed_config(cfg, rt: Runtime) -> dict:
+    """The JSON at `deepspeed_config` with the run's batch, accumulation and clipping, and its `bf16`
+    block enabled for precision bf16 / bf16_autocast (DeepSpeed's bf16 mode: bf16 weights and a
+    float32 master copy; keys the file sets in that block, e.g. `immediate_grad_update`, stay)."""
     ds = json.loads(Path(cfg.deepspeed_config).read_text())
     ds.update(train_micro_batch_size_per_gpu=cfg.per_device_batch_size,
               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
               gradient_clipping=cfg.max_grad_norm or 0.0,  # DeepSpeed's 0: no clipping
               zero_allow_untested_optimizer=True, steps_per_print=10**9)
-    use_bf16 = cfg.precision in ("bf16", "bf16_autocast") or (cfg.precision == "auto" and rt.device.type == "cuda")
-    ds["bf16"] = {"enabled": use_bf16}
+    use_bf16 = resolve_precision(cfg.precision, rt.device.type) in ("bf16", "bf16_autocast")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": use_bf16}
     return ds
 
 
 def setup_training(cfg, model, rt: Runtime):
     """(model or engine, optimizer, scheduler) for the backend."""
-    model = wrap_model(model, cfg.backend, rt)
+    model = wrap_model(model, cfg.backend, rt, resolve_precision(cfg.precision, rt.device.type))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
@@ -64,6 +74,26 @@ def setup_training(cfg, model, rt: Runtime):
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=_deepspeed_config(cfg, rt))
     return model, optimizer, scheduler
+
+
+def compile_student(cfg, student, rt: Runtime, autocast: bool) -> bool:
+    """compile=true: torch.compile the student's decoder layers, probed with one forward and backward
+    at the training shape; False (eager) when off, under DeepSpeed, or where torch.compile fails."""
+    if not cfg.compile:
+        return False
+    if cfg.backend == "deepspeed":
+        logger.warning("compile=true is not supported with backend=deepspeed (its engine hooks the layers); "
+                       "running eager")
+        return False
+    ids = torch.zeros(cfg.per_device_batch_size, cfg.model_max_length, dtype=torch.long, device=rt.device)
+
+    def probe():
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = student.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        out.last_hidden_state.float().sum().backward()
+        student.zero_grad(set_to_none=True)
+
+    return compile_layers(student, probe)
 
 
 def _batch(blocks: dict, cfg, micro_step: int, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
