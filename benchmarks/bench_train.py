@@ -14,6 +14,11 @@ allocator holds (about 2.4 GiB over 4,096 tokens), not by its live tensors (abou
 (what train.py compile=true does) against eager, in alternating blocks, and prints the ratio:
 
     flock /tmp/llmqat_heavy.lock .venv/bin/python benchmarks/bench_train.py --compile --seqlen 128 --steps 3 --rounds 2
+
+`--lsq` times the W4A8KV8 QAT-KD step with learned weight scales (w_quantizer=lsq, quant/lsq.py)
+against MinMax (the default), in alternating blocks, and prints the ratio lsq / minmax:
+
+    flock /tmp/llmqat_heavy.lock .venv/bin/python benchmarks/bench_train.py --lsq --seqlen 256 --steps 3 --rounds 2
 """
 
 from __future__ import annotations
@@ -83,14 +88,15 @@ def bench_step(args) -> dict:
                          args.rounds)
 
 
-def build_kd(model_name: str, chunk: int, fast_math: bool = False, device="cpu", teacher_dtype=torch.float32):
+def build_kd(model_name: str, chunk: int, fast_math: bool = False, device="cpu", teacher_dtype=torch.float32,
+             w_quantizer: str = "minmax"):
     """(DistillStudent at W4A8KV8, frozen teacher, AdamW at lr 0, tokenizer) on `device`.
 
-    lr 0 keeps the same weights in every timing.
+    lr 0 keeps the same weights (and learned scales) in every timing.
     """
     torch.manual_seed(0)
-    student, tok = load_model(model_name, device=device,
-                              quant=QuantConfig(w_bits=4, a_bits=8, kv_bits=8, fast_math=fast_math))
+    quant = QuantConfig(w_bits=4, a_bits=8, kv_bits=8, fast_math=fast_math, w_quantizer=w_quantizer)
+    student, tok = load_model(model_name, device=device, quant=quant)
     teacher, _ = load_model(model_name, dtype=teacher_dtype, device=device)
     dequantize_model(teacher)
     teacher.eval().requires_grad_(False)
@@ -142,6 +148,22 @@ def bench_compile(args) -> dict:
     for name in variants:
         result[name] = {"median_s": statistics.median(times[name]), "times_s": times[name]}
     result["ratio_compiled_over_eager"] = result["compiled"]["median_s"] / result["eager"]["median_s"]
+    return result
+
+
+def bench_lsq(args) -> dict:
+    """Median W4A8KV8 QAT-KD step time, w_quantizer=lsq vs minmax (two students, one teacher), in
+    blocks of `steps` (each after one warm-up step) alternating `rounds` times."""
+    minmax, teacher, opt_minmax, tok = build_kd(args.model, args.chunk, args.fp32_quant)
+    lsq, _, opt_lsq, _ = build_kd(args.model, args.chunk, args.fp32_quant, w_quantizer="lsq")
+    ids = fixed_batch(tok, args.batch, args.seqlen)
+    variants = {"minmax": (minmax, opt_minmax), "lsq": (lsq, opt_lsq)}
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, (model, optimizer) in variants.items():
+            times[name] += [train_step(model, teacher, optimizer, ids) for _ in range(args.steps + 1)][1:]
+    result = {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
+    result["ratio_lsq_over_minmax"] = result["lsq"]["median_s"] / result["minmax"]["median_s"]
     return result
 
 
@@ -230,6 +252,7 @@ def main() -> None:
                         help="fast_math=true: the fake quantizer's arithmetic in float32 instead of float64")
     parser.add_argument("--compile", action="store_true",
                         help="time the QAT-KD step with torch.compiled decoder layers against eager (only that)")
+    parser.add_argument("--lsq", action="store_true", help="time the LSQ vs MinMax QAT-KD step instead")
     parser.add_argument("--memory-child", choices=("naive", "chunked"))
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -240,6 +263,12 @@ def main() -> None:
     result = {"batch": args.batch, "seqlen": args.seqlen, "chunk": args.chunk, "steps": args.steps,
               "rounds": args.rounds, "threads": torch.get_num_threads(), "fp32_quant": args.fp32_quant,
               "mem_seqlen": args.mem_seqlen}
+    if args.lsq:
+        result["lsq"] = r = bench_lsq(args)
+        print(f"lsq: QAT-KD W4A8KV8 step minmax {r['minmax']['median_s']:.3f} s, lsq {r['lsq']['median_s']:.3f} s, "
+              f"ratio lsq/minmax {r['ratio_lsq_over_minmax']:.2f}x (target <= 1.15x)", flush=True)
+        print(json.dumps(result, indent=2))
+        return
     if args.compile:
         result["compile"] = c = bench_compile(args)
         if c["compiled"]:

@@ -1,5 +1,6 @@
-"""One GPU check: the `gpu`-marked tests, then generation, KD step, evaluation, FSDP2 and export
-measured on one model, written to one JSON report. Run it through the wrapper, which sets up .venv:
+"""One GPU check: the `gpu`-marked tests, then generation, KD step, evaluation, FSDP2, export and vLLM
+serving (when vllm is installed) measured on one model, written to one JSON report. Run it through
+the wrapper, which sets up .venv:
 
     bash scripts/gpu_check.sh [output=runs/gpu_check.json] [data_dir=DIR] [scale=auto|gpu|tiny]
                               [model=smollm2-135m] [tokenizer=DIR] [test_timeout=240]
@@ -279,8 +280,47 @@ def step_export(ctx: Context) -> dict:
             "measurements": measurements}
 
 
+def _greedy(model, tok, prompts: list, new_tokens: int) -> list:
+    """Our fake-quant student's greedy continuation of each prompt (HF generate, no sampling)."""
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def step_vllm(ctx: Context) -> dict:
+    """A W4A16 round-to-nearest student exported as compressed-tensors, served by vLLM: its greedy tokens
+    against the fake-quant student's (both bfloat16), token by token up to the first difference."""
+    if ctx.device.type != "cuda":
+        raise Skip("vLLM needs a GPU")
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise Skip("vllm is not installed (pip install vllm)") from None
+    model, tok = load_model(ctx.model, dtype="bfloat16", quant=QuantConfig(w_bits=4), device=ctx.device)
+    student = save_model(model, tok, ctx.work / "rtn-w4a16")
+    out = ctx.work / "export-compressed-tensors"
+    run_export(ExportConfig(student=str(student), format="compressed_tensors", output=str(out)))
+    prompts, new_tokens = ["The capital of France is", "def fibonacci(n):", "Once upon a time"], 16
+    ours = _greedy(model.eval(), tok, prompts, new_tokens)
+    del model
+    torch.cuda.empty_cache()
+    llm = LLM(model=str(out), dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True)
+    greedy = SamplingParams(temperature=0, max_tokens=new_tokens)
+    theirs = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy)]
+    agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+             for x, y in zip(ours, theirs)]
+    return {"settings": {"student": "W4A16 per-channel RTN", "dtype": "bfloat16", "prompts": prompts,
+                         "new_tokens": new_tokens},
+            "measurements": {"greedy_tokens_equal_before_first_difference": measure(sum(agree), "tokens"),
+                             "greedy_tokens_compared": measure(new_tokens * len(prompts), "tokens")}}
+
+
 STEPS = (("tests", step_tests), ("generation", step_generation), ("train_step", step_train),
-         ("evaluation", step_evaluation), ("fsdp", step_fsdp), ("export", step_export))
+         ("evaluation", step_evaluation), ("fsdp", step_fsdp), ("export", step_export), ("vllm", step_vllm))
 
 
 def run_step(fn, ctx: Context) -> dict:

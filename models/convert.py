@@ -51,7 +51,7 @@ from quant.packed import (
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("folded", "packed", *GGUF_FORMATS, "compressed_tensors", "float")
+TARGETS = ("folded", "packed", *GGUF_FORMATS, "gguf_tq1_0", "gguf_tq2_0", "compressed_tensors", "float")
 
 
 def convert(model: nn.Module, to: str, tokenizer=None, output: Union[str, Path, None] = None, **options):
@@ -224,7 +224,9 @@ def load_packed(folder: Union[str, Path], device=None):
             module.weight.copy_(unpack_weight(tensors, module.weight_quantizer.spec, module.weight.dtype))
             module.weight_quantizer.enabled = False  # the weight is on the grid already
     missing, unexpected = model.load_state_dict(state, strict=False)
-    _check_missing(model, missing, unexpected, set(state) | {f"{n}.weight" for n in linears})
+    # a stored weight scale lives in the packed `scale`; the quantizer holding it is off after loading
+    loaded = set(state) | {f"{n}.{k}" for n in linears for k in ("weight", "weight_quantizer.scale")}
+    _check_missing(model, missing, unexpected, loaded)
     tok = AutoTokenizer.from_pretrained(folder) if (Path(folder) / "tokenizer_config.json").is_file() else None
     return (model.to(device) if device is not None else model), tok
 

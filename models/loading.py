@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from models.patch import CONFIG_ATTR, get_quant_config, quant_coverage, quantize_model
+from models.scales import load_stored_scales
 from quant.config import QuantConfig
 from quant.errors import InputFileError, UserError
 
@@ -239,9 +240,12 @@ def load_model(name_or_path: str, dtype: Union[str, torch.dtype] = torch.float32
     if device is not None:
         model.to(device)
     tok = load_tokenizer(folder)
-    quant = quant if quant is not None else read_quant_config(folder)
+    saved_quant = read_quant_config(folder)
+    quant = quant if quant is not None else saved_quant
     if quant is not None:
         quantize_model(model, quant)
+        if saved_quant is not None and saved_quant.weight_spec() == quant.weight_spec():
+            load_stored_scales(model, folder)
     logger.info("loaded %s (%s, %.1fM params)%s", name_or_path, type(model).__name__,
                 sum(p.numel() for p in model.parameters()) / 1e6, f" at {quant.tag()}" if quant else "")
     return model, tok

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from quant.config import GGUF_FORMATS, QuantConfig, QuantSpec, is_off
-from quant.fake_quant import quantize_codes
+from quant.lsq import weight_codes
 from quant.packed import encoded_state_dict, quantized_linears
 
 QUANT_METHOD = "compressed-tensors"
@@ -47,6 +47,8 @@ def unsupported_reason(qcfg: QuantConfig) -> Optional[str]:
     """Why `qcfg`'s student cannot be written as compressed-tensors, or None if it can."""
     if is_off(qcfg.w_bits):
         return f"the weights are not quantized (w_bits={qcfg.w_bits})"
+    if qcfg.w_quantizer == "ternary":
+        return "ternary weights: compressed-tensors int weights here are 4 or 8 bits"
     if qcfg.weight_format in GGUF_FORMATS:
         return (f"weight_format={qcfg.weight_format} is llama.cpp's grid (offset codes, fp16 block scales), "
                 f"which this export does not map: use format={qcfg.weight_format}")
@@ -121,9 +123,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     return (u.flatten(-2)[..., :in_features] - (1 << (bits - 1))).to(torch.int8)
 
 
-def compress_weight(weight: torch.Tensor, spec: QuantSpec, fmt: str) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors (without the module prefix) of a weight [out, in] on `spec`'s grid."""
-    q, scale, _ = quantize_codes(weight.detach(), spec)  # symmetric: the zero point is 0
+def compress_weight(weight: torch.Tensor, spec: QuantSpec, fmt: str, scale=None) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors (without the module prefix) of a weight [out, in] on `spec`'s
+    grid (`scale`: the quantizer's stored scale, lsq / mse students)."""
+    q, scale, _ = weight_codes(weight.detach(), spec, scale)  # symmetric: the zero point is 0
     codes = q.reshape(weight.shape).to(torch.int8)
     tensors = {"weight_scale": scale.squeeze(-1).to(torch.float32)}
     if fmt == INT_QUANTIZED:
@@ -144,4 +147,4 @@ def compressed_state_dict(model: nn.Module, qcfg: QuantConfig,
                           dense_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Compressed tensors of every weight-quantized linear + the other tensors, dense (tied ones once)."""
     fmt = compression_format(qcfg)
-    return encoded_state_dict(model, lambda weight, spec: compress_weight(weight, spec, fmt), dense_dtype)
+    return encoded_state_dict(model, lambda weight, spec, scale: compress_weight(weight, spec, fmt, scale), dense_dtype)

@@ -29,6 +29,8 @@ KV_POSITIONS = ("pre_rope", "post_rope")
 GGUF_FORMATS = {"gguf_q4_0": 4, "gguf_q8_0": 8}  # format -> bits of its codes
 GGUF_BLOCK_SIZE = 32
 WEIGHT_FORMATS = ("minmax", *GGUF_FORMATS)
+W_QUANTIZERS = ("minmax", "lsq", "ternary")  # minmax: scale from each forward's weight; else a stored scale
+W_INITS = ("minmax", "mse")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -63,6 +65,11 @@ class QuantSpec:
             symmetric=True and per_group granularity with group_size 32.
         fast_math: MinMax arithmetic in float32 for float32 inputs instead of float64 (see
             quant/fake_quant.py: not bit-identical to the float64 path; export follows the spec).
+        quantizer: "minmax" (scale recomputed from the tensor at each call), "lsq" (a learned step
+            size per slice, quant/lsq.py; at 2 bits ParetoQ's stretched grid) or "ternary" (learned
+            scale, levels {-s, 0, s}; ignores `bits`). Weights only.
+        init: how a stored scale starts: "minmax" or "mse" (per-slice MSE-optimal clipping search);
+            minmax with init "mse" keeps the searched scale fixed (RTN / PTQ with a searched clip).
     """
 
     bits: int = 16
@@ -72,9 +79,12 @@ class QuantSpec:
     ste_clip: bool = False
     format: str = "minmax"
     fast_math: bool = False
+    quantizer: str = "minmax"
+    init: str = "minmax"
 
     def __post_init__(self):
         check_bits(self.bits)
+        self._check_quantizer()
         if self.granularity not in GRANULARITIES:
             raise UserError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
         if self.granularity == "per_group":
@@ -88,9 +98,29 @@ class QuantSpec:
                 raise UserError(f"format {self.format} needs bits={grid[0]}, symmetric=True, per_group with "
                                  f"group_size={GGUF_BLOCK_SIZE}; got {self}")
 
+    def _check_quantizer(self) -> None:
+        if self.quantizer not in W_QUANTIZERS:
+            raise UserError(f"unknown quantizer {self.quantizer!r}; choose one of {W_QUANTIZERS}")
+        if self.init not in W_INITS:
+            raise UserError(f"unknown init {self.init!r}; choose one of {W_INITS}")
+        if self.stored_scale and self.enabled and not self.symmetric:
+            raise UserError(f"quantizer={self.quantizer} init={self.init} needs a symmetric grid (w_symmetric=True)")
+        if self.quantizer == "ternary" and self.format != "minmax":
+            raise UserError(f"quantizer=ternary has its own grid: it cannot use format {self.format}")
+
     @property
     def enabled(self) -> bool:
         return not is_off(self.bits)
+
+    @property
+    def learned(self) -> bool:
+        """The scale is a trained Parameter (lsq / ternary)."""
+        return self.quantizer in ("lsq", "ternary")
+
+    @property
+    def stored_scale(self) -> bool:
+        """The scale is held by the quantizer (learned, or searched once) instead of recomputed."""
+        return self.learned or self.init == "mse"
 
     def check_last_dim(self, size: int, what: str = "tensor") -> None:
         """Raise if a last dimension of `size` cannot be split into groups of `group_size`."""
@@ -119,6 +149,11 @@ class QuantConfig:
         targets: names of the decoder linears to quantize.
         fast_math: run the MinMax fake-quant arithmetic of float32 tensors in float32 instead of
             float64 (for GPUs with slow float64; quant/fake_quant.py states the difference).
+        w_quantizer: "minmax" (the paper), "lsq" (learned step size per output channel / group;
+            ParetoQ's stretched grid at w_bits=2) or "ternary" (learned scale, {-s, 0, s}; the
+            weight is quantized whatever w_bits says, as long as it is not 16/32). See quant/lsq.py.
+        w_init: "minmax" or "mse" (per-slice MSE-optimal clipping search) start of a stored scale;
+            with w_quantizer=minmax, "mse" fixes the weight scale to the searched one.
     """
 
     w_bits: int = 16
@@ -136,6 +171,8 @@ class QuantConfig:
     weight_format: str = "minmax"
     targets: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     fast_math: bool = False
+    w_quantizer: str = "minmax"
+    w_init: str = "minmax"
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -152,6 +189,8 @@ class QuantConfig:
             raise UserError(f"unknown weight_format {self.weight_format!r}; use one of {WEIGHT_FORMATS}")
         if self.weight_format in GGUF_FORMATS:
             self._check_gguf_weight_format()
+        if self.w_quantizer == "ternary" and self.weight_format != "minmax":
+            raise UserError(f"w_quantizer=ternary has its own grid: it cannot use weight_format={self.weight_format}")
         self.targets = list(self.targets)
         self.weight_spec()  # validates group size
 
@@ -166,10 +205,14 @@ class QuantConfig:
                              f"w_granularity / w_group_size unset (got {self.w_granularity}, {self.w_group_size})")
 
     def weight_spec(self) -> QuantSpec:
+        kind = {"quantizer": self.w_quantizer, "init": self.w_init}
+        if self.w_quantizer == "ternary" and not is_off(self.w_bits):  # ternary codes fit 2 bits
+            return QuantSpec(2, True, self.w_granularity, self.w_group_size, self.ste_clip, **kind)
         if self.weight_format in GGUF_FORMATS:
-            return QuantSpec(self.w_bits, True, "per_group", GGUF_BLOCK_SIZE, self.ste_clip, self.weight_format)
+            return QuantSpec(self.w_bits, True, "per_group", GGUF_BLOCK_SIZE, self.ste_clip, self.weight_format,
+                             **kind)
         return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.ste_clip,
-                         fast_math=self.fast_math)
+                         fast_math=self.fast_math, **kind)
 
     def act_spec(self) -> QuantSpec:
         return QuantSpec(self.a_bits, self.a_symmetric, self.a_granularity, None, self.ste_clip,

@@ -5,7 +5,9 @@
 Decoder linears are written as Q4_0 / Q8_0 blocks computed by `quant.gguf_formats` (the functions
 the GGUF-faithful fake quantizer runs): from the latent weight when the student was trained in that
 very format (lossless by construction), else from its fake-quantized weight (what the student
-computes with), re-gridded. `f16` / `f32` write the effective weights unquantized (the input
+computes with), re-gridded; a student with stored (lsq / mse) gguf block scales writes its own codes
+and fp16 scales. `tq1_0` / `tq2_0` (llama.cpp's ternary types) hold a ternary student exactly (see
+quant/gguf_encode.py, which computes all tensor data). `f16` / `f32` write the effective weights unquantized (the input
 llama.cpp's own quantizer takes). Embeddings and a separate lm_head use `embed_type` (q8_0, f16 or
 f32); norms are F32. q_proj / k_proj rows are permuted to llama.cpp's RoPE layout (HF rotates
 half-split pairs, GGUF interleaved ones), as convert_hf_to_gguf.py's `LlamaModel.permute`; rows
@@ -29,81 +31,32 @@ from typing import Optional, Union
 
 import gguf
 import numpy as np
-import torch
 from torch import nn
 
 from quant.errors import UserError
-from quant.gguf_formats import gguf_quantize_codes
-from quant.linear import QuantLinear
+from quant.gguf_encode import (  # noqa: F401  (encode_blocks, permute_rope: part of this module's interface)
+    TERNARY_BLOCK,
+    TERNARY_TYPES,
+    encode_blocks,
+    encode_codes,
+    encode_tensor,
+    ggml_type,
+    linear_codes_for_export,
+    linear_weight_for_export,
+    permute_rope,
+    rope_heads,
+)
 
 logger = logging.getLogger(__name__)
 
 MARKER_KEY, MARKER = "llmqat.exporter", "llm-qat quant/export_gguf.py"  # how we recognise our own files
-WEIGHT_TYPES = ("q4_0", "q8_0", "f16", "f32")
+WEIGHT_TYPES = ("q4_0", "q8_0", "tq1_0", "tq2_0", "f16", "f32")
 EMBED_TYPES = ("q8_0", "f16", "f32")
-
-
-def _ggml_type(kind: str):
-    return {"q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-            "f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}[kind]
-
 
 def _file_type(kind: str) -> int:
     return {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0, "tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0,
             "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[kind]
-
-
-def encode_blocks(codes: torch.Tensor, scale: torch.Tensor, kind: str) -> np.ndarray:
-    """GGUF block bytes uint8 [rows, S * block_bytes] of codes [rows, S, 32] and scales [rows, S, 1].
-
-    Q4_0 block: fp16 d, then 16 bytes; byte j holds code j (low nibble) and code j + 16 (high).
-    Q8_0 block: fp16 d, then 32 int8 codes.
-    """
-    d = scale.to(torch.float16).view(torch.uint8)  # [rows, S, 2], little-endian fp16
-    if kind == "q4_0":
-        q = codes.to(torch.uint8)
-        qs = q[..., :16] | (q[..., 16:] << 4)
-    else:
-        qs = codes.to(torch.int8).view(torch.uint8)
-    return torch.cat((d, qs), dim=-1).flatten(1).numpy()
-
-
-def permute_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Rows of q_proj / k_proj [n_head * D, in] from HF's half-split RoPE order to GGUF's pairs."""
-    pairs = weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-    return pairs.swapaxes(1, 2).reshape(weight.shape)
-
-
-def _rope_heads(name: str, config) -> Optional[int]:
-    leaf = name.rsplit(".", 2)[-2]
-    if leaf == "q_proj":
-        return config.num_attention_heads
-    if leaf == "k_proj":
-        return config.num_key_value_heads
-    return None
-
-
-def linear_weight_for_export(module: nn.Module, kind: str) -> tuple[torch.Tensor, bool]:
-    """(weight to write [out, in], lossless?) of a decoder linear for GGUF type `kind`.
-
-    The latent weight when the student's own grid is `kind` (its codes are the fake-quant codes),
-    else the weight the student computes with: fake-quantized if it has a weight quantizer.
-    """
-    if not isinstance(module, QuantLinear) or not module.weight_quantizer.spec.enabled:
-        return module.weight.detach(), kind in ("f16", "f32")
-    spec = module.weight_quantizer.spec
-    if spec.format == f"gguf_{kind}":
-        return module.weight.detach(), True
-    with torch.no_grad():
-        return module.weight_quantizer(module.weight), kind == "f32"
-
-
-def encode_tensor(weight: torch.Tensor, kind: str) -> np.ndarray:
-    """numpy data for GGUFWriter.add_tensor: block bytes for q4_0 / q8_0, floats for f16 / f32."""
-    if kind in ("f16", "f32"):
-        return weight.detach().to(torch.float16 if kind == "f16" else torch.float32).numpy()
-    codes, scale, _ = gguf_quantize_codes(weight.detach(), f"gguf_{kind}")
-    return encode_blocks(codes, scale, kind)
 
 
 def check_exportable(model: nn.Module, weight_type: str, embed_type: str) -> None:
@@ -113,6 +66,10 @@ def check_exportable(model: nn.Module, weight_type: str, embed_type: str) -> Non
     if embed_type not in EMBED_TYPES:
         raise UserError(f"unknown GGUF embedding type {embed_type!r}; use one of {EMBED_TYPES}")
     config = model.config
+    rows = (config.hidden_size, config.intermediate_size)
+    if weight_type in TERNARY_TYPES and any(n % TERNARY_BLOCK for n in rows):
+        raise UserError(f"{weight_type} stores blocks of {TERNARY_BLOCK}: hidden_size and intermediate_size "
+                        f"must be multiples of it (got {rows})")
     if config.model_type != "llama":
         raise UserError(f"GGUF export supports Llama models only, got model_type={config.model_type}")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
@@ -130,23 +87,27 @@ def gguf_tensors(model: nn.Module, weight_type: str, embed_type: str) -> list[tu
     modules = dict(model.named_modules())
     out, lossy = [], []
     for key, param in model.state_dict().items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue
+        if key == "lm_head.weight" and config.tie_word_embeddings or key.endswith("_quantizer.scale"):
+            continue  # stored scales are written inside their weight's blocks
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"no GGUF name for tensor {key}")
         module = modules[key.rsplit(".", 1)[0]]
+        codes = linear_codes_for_export(module, weight_type) if key.endswith(".weight") else None
+        if codes is not None:
+            out.append((name, encode_codes(*codes, key, config, weight_type), weight_type))
+            continue
         if isinstance(module, nn.Linear) and key not in ("lm_head.weight",):
             weight, exact = linear_weight_for_export(module, weight_type)
             kind = weight_type
             lossy += [] if exact else [key]
         else:
             weight, kind = param.detach(), ("f32" if param.dim() == 1 else embed_type)
-        heads = _rope_heads(key, config)
+        heads = rope_heads(key, config)
         if heads is not None:
             weight = permute_rope(weight, heads)
         out.append((name, encode_tensor(weight, kind), kind))
-    if lossy and weight_type in ("q4_0", "q8_0"):
+    if lossy and weight_type not in ("f16", "f32"):
         logger.warning("%d linears are re-gridded to %s (the student was not trained in gguf_%s): the GGUF is "
                        "close to, not equal to, the fake-quant student", len(lossy), weight_type, weight_type)
     return out
@@ -285,7 +246,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Union[str, Path], weight_type:
         else:
             add_hf_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0])
         for tensor_name, data, kind in gguf_tensors(model, weight_type, embed_type):
-            raw = _ggml_type(kind) if kind in ("q4_0", "q8_0") else None
+            raw = ggml_type(kind) if kind not in ("f16", "f32") else None
             writer.add_tensor(tensor_name, data, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -31,7 +31,7 @@ class QuantLinear(nn.Linear):
         weight_spec.check_last_dim(in_features, "weight (in_features)")
         act_spec.check_last_dim(in_features, "input activation")
         output_spec.check_last_dim(out_features, "output (out_features)")
-        self.weight_quantizer = FakeQuantizer(weight_spec)
+        self.weight_quantizer = FakeQuantizer(weight_spec, (out_features, in_features), device=device)
         self.act_quantizer = FakeQuantizer(act_spec)
         self.output_quantizer = FakeQuantizer(output_spec)
 
@@ -44,6 +44,7 @@ class QuantLinear(nn.Linear):
                   device="meta")
         new.weight = linear.weight
         new.bias = linear.bias
+        new.weight_quantizer.reset_scale(linear.weight)  # a stored scale: from the weight, deterministic
         return new
 
     def to_linear(self) -> nn.Linear:

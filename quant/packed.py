@@ -10,6 +10,9 @@ Each quantized linear `<name>` is stored as
     <name>.scale       [out, S] per slice / group / block: float64 for float32 MinMax students (the
                        fake-quant arithmetic dtype), float16 for the GGUF formats (their stored d);
     <name>.zero_point  int32 [out, S], asymmetric MinMax only.
+A stored-scale student (w_quantizer lsq / ternary, w_init mse; quant/lsq.py) writes its own scale
+(float32; fp16 for the GGUF formats), codes from `quant.lsq.lsq_codes` on that scale; the grid's
+fixed zero point (-0.5 for the 2-bit stretched grid) follows from the spec.
 Codes and scales come from `quant.fake_quant.quantize_codes`, the function fake-quant runs, so the
 loader's `dequantize(q, scale, zero_point)` rebuilds the fake-quantized weights bit for bit. Other
 tensors (embeddings, norms, lm_head) stay dense, in `dense_dtype` (default: the student's dtype,
@@ -30,9 +33,10 @@ from torch import nn
 
 from quant.config import GGUF_FORMATS, QuantConfig, QuantSpec
 from quant.errors import UserError
-from quant.fake_quant import code_range, dequantize, group_view, quantize_codes
+from quant.fake_quant import code_range, dequantize, group_view
 from quant.gguf_formats import ZERO_POINTS
 from quant.linear import QuantLinear
+from quant.lsq import grid, weight_codes
 
 PACKED_FILE = "model.safetensors"
 QUANT_METHOD = "llmqat_packed"
@@ -56,10 +60,15 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
 
 
-def pack_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """{"qweight", "scale"[, "zero_point"]} of a weight [out, in] on `spec`'s grid."""
-    q, scale, zero_point = quantize_codes(weight.detach(), spec)
-    qmin, _ = code_range(spec)
+def _code_min(spec: QuantSpec) -> int:
+    return grid(spec)[0] if spec.stored_scale else code_range(spec)[0]
+
+
+def pack_weight(weight: torch.Tensor, spec: QuantSpec, scale: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """{"qweight", "scale"[, "zero_point"]} of a weight [out, in] on `spec`'s grid (`scale`: the
+    quantizer's stored scale, for specs that hold one)."""
+    q, scale, zero_point = weight_codes(weight.detach(), spec, scale)
+    qmin = _code_min(spec)
     tensors = {"qweight": pack_codes((q - qmin).reshape(weight.shape), spec.bits)}
     tensors["scale"] = scale.squeeze(-1).to(torch.float16 if spec.format in GGUF_FORMATS else scale.dtype)
     if spec.format not in GGUF_FORMATS and not spec.symmetric:
@@ -76,12 +85,14 @@ def unpack_weight(tensors: dict[str, torch.Tensor], spec: QuantSpec, dtype: torc
     if spec.format in GGUF_FORMATS:
         scale = scale.to(torch.float32)
         zero_point = torch.tensor(ZERO_POINTS[spec.format])
+    elif spec.stored_scale:
+        zero_point = torch.tensor(grid(spec)[2], dtype=scale.dtype)
     elif "zero_point" in tensors:
         zero_point = tensors["zero_point"].unsqueeze(-1).to(scale.dtype)
     else:
         zero_point = torch.zeros((), dtype=scale.dtype)
     codes = unpack_codes(tensors["qweight"], spec.bits)
-    q = codes.to(scale.dtype) + code_range(spec)[0]
+    q = codes.to(scale.dtype) + _code_min(spec)
     return dequantize(group_view(q, spec.granularity, spec.group_size), scale, zero_point).reshape(q.shape).to(dtype)
 
 
@@ -90,18 +101,22 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
             if isinstance(m, QuantLinear) and m.weight_quantizer.spec.enabled}
 
 
-def encoded_state_dict(model: nn.Module, encode: Callable[[torch.Tensor, QuantSpec], dict],
+def encoded_state_dict(model: nn.Module, encode: Callable[..., dict],
                        dense_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """`encode(weight, spec)`'s tensors of every weight-quantized linear (as `<name>.<key>`) + the
-    other tensors, dense in `dense_dtype` (tied ones once). Shared by packed and compressed-tensors."""
+    """`encode(weight, spec, scale)`'s tensors of every weight-quantized linear (as `<name>.<key>`;
+    `scale` the quantizer's stored one or None) + the other tensors, dense in `dense_dtype` (tied
+    ones once; stored scales are inside the encoding). Shared by packed and compressed-tensors."""
     linears = quantized_linears(model)
     if not linears:
         raise UserError("the model has no weight-quantized linear (w_bits is 16/32?): nothing to pack")
     state, seen = {}, set()
     for name, module in linears.items():
-        for key, tensor in encode(module.weight, module.weight_quantizer.spec).items():
+        quantizer = module.weight_quantizer
+        for key, tensor in encode(module.weight, quantizer.spec, quantizer.learned_scale()).items():
             state[f"{name}.{key}"] = tensor.contiguous()
         seen.add(module.weight.data_ptr())
+        if quantizer.learned_scale() is not None:
+            seen.add(quantizer.scale.data_ptr())
     for key, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen:
             continue  # an encoded weight, or a tied copy of a tensor already written

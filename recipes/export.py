@@ -27,7 +27,9 @@ from quant.export_gguf import EMBED_TYPES, check_gguf_replaceable
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("packed", *GGUF_FORMATS, "compressed_tensors")
+GGUF_TERNARY = ("gguf_tq1_0", "gguf_tq2_0")  # llama.cpp's ternary types, for w_quantizer=ternary students
+GGUF_EXPORTS = (*GGUF_FORMATS, *GGUF_TERNARY)
+EXPORT_FORMATS = ("packed", *GGUF_EXPORTS, "compressed_tensors")
 
 
 @dataclass
@@ -35,7 +37,8 @@ class ExportConfig:
     """Args:
         student: folder of a fake-quant student (HF folder + quant_config.json).
         format: packed (int4/int8 safetensors + scales, reloaded by models.convert.load_packed),
-            gguf_q4_0 or gguf_q8_0 (llama.cpp), compressed_tensors (vLLM / transformers; W4A16, W8A16
+            gguf_q4_0 or gguf_q8_0 (llama.cpp), gguf_tq1_0 / gguf_tq2_0 (llama.cpp's ternary types, exact
+            for a w_quantizer=ternary student with scale slices of whole 256-blocks), compressed_tensors (vLLM / transformers; W4A16, W8A16
             per channel or group, W8A8 per channel; quant/compressed_tensors.py).
         output: a folder for packed and compressed_tensors, a .gguf file for the GGUF formats.
         dtype: dtype the student is loaded in (its fake-quant arithmetic follows it).
@@ -84,6 +87,9 @@ def check_student(student: str, fmt: str) -> QuantConfig:
     if fmt in GGUF_FORMATS and qcfg.w_bits > GGUF_FORMATS[fmt]:
         raise UserError(f"format={fmt} holds {GGUF_FORMATS[fmt]}-bit weights; the student has w_bits={qcfg.w_bits} "
                          f"(unsupported bit width for this format)")
+    if fmt in GGUF_TERNARY and qcfg.w_quantizer != "ternary":
+        raise UserError(f"format={fmt} holds ternary weights: the student has w_quantizer={qcfg.w_quantizer} "
+                        f"(train it with w_quantizer=ternary)")
     if fmt == "compressed_tensors" and ct.unsupported_reason(qcfg):
         raise UserError(f"format=compressed_tensors cannot hold the student ({qcfg.tag()}): "
                          f"{ct.unsupported_reason(qcfg)}")
@@ -95,12 +101,12 @@ def check_output(output: str, fmt: str) -> Path:
     if not output:
         raise UserError("output= is required")
     path = Path(output)
-    if fmt in GGUF_FORMATS and path.suffix != ".gguf":
+    if fmt in GGUF_EXPORTS and path.suffix != ".gguf":
         raise UserError(f"output={output!r}: a GGUF export is a file ending in .gguf")
     if path.exists():
         if fmt == "packed" and path.is_dir() and any(path.iterdir()):
             read_packed_config(path)  # raises unless it is a previous packed export
-        elif fmt in GGUF_FORMATS:
+        elif fmt in GGUF_EXPORTS:
             check_gguf_replaceable(path)  # raises unless it is a GGUF this project wrote
         elif fmt == "compressed_tensors":
             check_replaceable(path, ct.QUANT_METHOD)  # raises unless it is a previous compressed-tensors export

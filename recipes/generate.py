@@ -37,6 +37,7 @@ from quant.errors import UserError
 from utils.config import to_dict
 from utils.data.generation import Sampling, generate_sequences, mask_dtype
 from utils.data.shards import ShardWriter, check_meta, done_keys, read_meta, repair_shard, shard_path, write_meta
+from utils.data.topk import SidecarWriter, repair_sidecar
 from utils.distributed import compile_layers, process_ranks
 from utils.logging import progress_disabled
 from utils.provenance import provenance
@@ -62,6 +63,8 @@ class GenerateConfig:
         attn_implementation: eager / sdpa (what the slot-cache decoder serves); None: transformers' default.
         quantized: generate from a saved student's fake-quantized model instead of its full-precision weights.
         compile: torch.compile the decoder layers (checked on one short sequence; eager where it fails).
+        teacher_topk: K > 0 also stores the model's top-K next-token log-probs at every position in a
+            sidecar per shard (layout: utils/data/topk.py), the targets of train.py teacher=cached; 0: off.
     """
 
     model: str = "smollm2-135m"
@@ -83,6 +86,7 @@ class GenerateConfig:
     attn_implementation: Optional[str] = None
     quantized: bool = False
     compile: bool = False
+    teacher_topk: int = 0
 
     def __post_init__(self):
         checks = [(self.n_vocab >= 1, "n_vocab must be >= 1"), (self.max_length >= 2, "max_length must be >= 2"),
@@ -91,6 +95,7 @@ class GenerateConfig:
                   (len(self.greedy_lengths) > 0, "greedy_lengths must not be empty"),
                   (self.shard is None or self.shard >= 0, "shard must be >= 0"),
                   (self.num_threads >= 0, "num_threads must be >= 0"),
+                  (self.teacher_topk >= 0, "teacher_topk must be >= 0"),
                   (self.start_ids in START_IDS, f"start_ids must be one of {'|'.join(START_IDS)}")]
         checks += [(1 <= j <= self.max_length, f"greedy_lengths: {j} is not in [1, max_length={self.max_length}]")
                    for j in self.greedy_lengths]
@@ -190,7 +195,8 @@ def record_settings(cfg: GenerateConfig, shard: int, vocab_size: int, eos: list[
     """What decides a shard's records (batch_size, device and threads do not: see the README)."""
     keys = ("model", "n_vocab", "greedy_lengths", "max_length", "temperature", "top_k", "top_p", "seed", "dtype",
             "start_ids", "quantized")
-    return {**{k: getattr(cfg, k) for k in keys}, "shard": shard, "vocab_size": vocab_size, "eos_ids": eos}
+    topk = {"teacher_topk": cfg.teacher_topk} if cfg.teacher_topk else {}  # absent at 0: older shards stay valid
+    return {**{k: getattr(cfg, k) for k in keys}, "shard": shard, "vocab_size": vocab_size, "eos_ids": eos, **topk}
 
 
 def shard_meta(cfg: GenerateConfig, shard: int, jobs: list, model, tokenizer, device) -> dict:
@@ -255,6 +261,7 @@ def run(cfg: GenerateConfig) -> Path:
     settings, meta = record_settings(cfg, shard, vocab_size, eos), shard_meta(cfg, shard, jobs, model, tokenizer,
                                                                               device)
     check_meta(path, settings, has_records=bool(done), complete=False, **meta)
+    repair_sidecar(path, cfg.teacher_topk, vocab_size)  # after check_meta, which refuses a changed K
     todo = [job for job in jobs if job not in done]
     logger.info("shard %d -> %s: %d sequences (%s start ids), %d already written, %d to generate on %s (batch %d)",
                 shard, path, len(jobs), cfg.start_ids, len(jobs) - len(todo), len(todo), device, cfg.batch_size)
@@ -280,11 +287,12 @@ def _write_records(model, tokenizer, cfg: GenerateConfig, todo: list, path: Path
     """Generate the `todo` jobs into the shard file, one line each as it finishes; return new tokens."""
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     tokens, new, start = 0, 0, time.perf_counter()
-    with ShardWriter(path) as writer, tqdm(total=total, initial=total - len(todo), unit="seq",
-                                           desc=path.stem, disable=progress_disabled()) as bar:
+    with ShardWriter(path) as writer, SidecarWriter(path, cfg.teacher_topk, len(tokenizer)) as sidecar, \
+        tqdm(total=total, initial=total - len(todo), unit="seq", desc=path.stem, disable=progress_disabled()) as bar:
         for seq in generate_sequences(model, todo, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                                      seed=cfg.seed, eos_ids=eos, sampling=sampling, vocab_limit=len(tokenizer)):
-            writer.write(to_record(seq, tokenizer))
+                                      seed=cfg.seed, eos_ids=eos, sampling=sampling, vocab_limit=len(tokenizer),
+                                      teacher_topk=cfg.teacher_topk):
+            writer.write(sidecar.add(to_record(seq, tokenizer), seq))  # the block is written before the line
             tokens, new = tokens + len(seq["token_ids"]) - 1, new + 1
             elapsed = time.perf_counter() - start
             bar.set_postfix(seq_s=f"{new / elapsed:.2f}", tok_s=f"{tokens / elapsed:.1f}", refresh=False)

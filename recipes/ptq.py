@@ -34,7 +34,7 @@ from typing import List, Optional
 import torch
 from torch.nn import functional as F
 
-from models import dequantize_model, load_model, quantize_model, save_model
+from models import dequantize_model, load_model, model_fingerprint, quantize_model, save_model
 from quant.config import QuantConfig
 from quant.errors import UserError
 from quant.gptq import gptq_model
@@ -42,6 +42,7 @@ from quant.smoothquant import activation_absmax, smooth_model, smoothed_tensors
 from utils.config import save_config, to_dict
 from utils.data.calibration import calibration_source, calibration_split, calibration_windows
 from utils.logging import progress_disabled
+from utils.provenance import data_fingerprint, provenance
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,11 @@ def run(cfg: PTQConfig) -> Path:
     with torch.no_grad():
         chosen = apply_method(model, tok, cfg)
     quantize_model(model, cfg.quant)
-    meta = {"method": cfg.method, "ptq": to_dict(cfg), **chosen}
+    inputs = {"model": model_fingerprint(cfg.model)}
+    if cfg.method != "rtn" and Path(cfg.calib).is_file():
+        inputs["calibration"] = data_fingerprint(cfg.calib)
+    meta = {"method": cfg.method, "ptq": to_dict(cfg), **chosen,
+            "provenance": provenance(cfg, inputs=inputs, tokenizer=tok)}
     if cfg.method != "rtn":
         meta["calibration"] = {"source": calibration_source(cfg.calib)}
     out = save_model(model, tok, cfg.output_dir, extra=meta)

@@ -11,6 +11,11 @@ schedule with warmup -> optional resume -> train (accumulation, clipping, atomic
 one of the last step) -> save `student/` (provenance in its `llmqat_meta.json`), and only then
 `train_config.yaml` and `train_metrics.json`: a failed run never rewrites them next to an older student.
 
+`teacher=cached` never loads the teacher: the loss is the sparse KD of utils/train/distill.py against
+the top-K targets that `generate_data.py teacher_topk=K` stored, on one document per block
+(utils/data/targets.py: no packing, positions from 0, long documents truncated; data.pack=false).
+Long file: the schema, its checks and the run's named steps stay together.
+
 Precision (`precision`): `auto` = bf16 autocast over fp32 weights on GPU, plain fp32 on CPU (CPU
 bf16 autocast is slower than fp32 on most CPUs and the fake quantizers compute in fp32/fp64 anyway);
 `bf16_autocast`, `fp32`, or `bf16` (bf16 weights, as the original code). Under DeepSpeed, bf16 means
@@ -41,6 +46,7 @@ from quant.config import QuantConfig
 from quant.errors import InputFileError, UserError
 from utils.config import to_dict, to_yaml
 from utils.data.blocks import DataConfig, check_data_file, check_data_tokenizer, load_blocks, split_blocks
+from utils.data.targets import check_cached_settings, check_targets, load_target_blocks
 from utils.distributed import (
     BACKENDS,
     DEVICES,
@@ -63,6 +69,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16_autocast", "bf16")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
+TEACHERS = ("online", "cached")
 # keys a resumed run may change: they do not change what is computed (max_steps extends the run)
 RESUME_MAY_CHANGE = ("max_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps", "report_to",
                      "resume", "output_dir", "data.cache_dir", "gradient_checkpointing", "loss_chunk_size", "compile")
@@ -82,6 +89,7 @@ RANGES = (
     ("min_lr_ratio", lambda v: math.isfinite(v) and 0 <= v <= 1, "in [0, 1]"),
     ("warmup_steps", _at_least(0), ">= 0"),
     ("weight_decay", _at_least(0), ">= 0"),
+    ("scale_lr", _at_least(0, strict=True, none_ok=True), "> 0 (null: learning_rate)"),
     ("max_grad_norm", _at_least(0, none_ok=True), ">= 0 (0 or null: no clipping)"),
     ("save_steps", _at_least(0), ">= 0 (0: only the last step's checkpoint)"),
     ("save_total_limit", _at_least(0, none_ok=True), ">= 1 (0 or null: keep every checkpoint)"),
@@ -90,6 +98,7 @@ RANGES = (
     ("precision", lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
     ("backend", lambda v: v in BACKENDS, f"one of {BACKENDS}"),
     ("teacher_dtype", lambda v: v in TEACHER_DTYPES, f"one of {TEACHER_DTYPES}"),
+    ("teacher", lambda v: v in TEACHERS, f"one of {TEACHERS}"),
     ("report_to", lambda v: v in REPORT_TO, f"one of {REPORT_TO}"),
     ("device", lambda v: v in DEVICES, f"one of {DEVICES}"),
     ("attn_implementation", lambda v: v is None or v in attn_implementations(),
@@ -115,6 +124,10 @@ class TrainConfig:
         logging_steps / eval_steps: metrics line / held-out KD loss every N steps (eval 0: start and end only).
         attn_implementation: eager | sdpa | ... for student and teacher (null: transformers' default).
         compile: torch.compile the student's decoder layers (module docstring; eager where it fails).
+        teacher: online (the frozen full-precision model, run every step) or cached (the data's top-K
+            targets from generate_data.py teacher_topk=K; the teacher is never loaded; module docstring).
+        scale_lr: peak learning rate of learned weight scales (quant.w_quantizer=lsq / ternary; same
+            schedule, never weight decay); null: learning_rate.
     Valid ranges: `RANGES`, checked here, before anything is loaded.
     """
 
@@ -130,6 +143,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    scale_lr: Optional[float] = None
     max_grad_norm: Optional[float] = 1.0
     kd_temperature: float = 1.0
     kd_loss_scale: float = 1.0
@@ -152,6 +166,7 @@ class TrainConfig:
     report_to: str = "none"
     attn_implementation: Optional[str] = None
     compile: bool = False
+    teacher: str = "online"
 
     def __post_init__(self):
         for name, check, valid in RANGES:
@@ -159,6 +174,8 @@ class TrainConfig:
                 raise UserError(f"{name}={getattr(self, name)!r}: must be {valid}")
         if self.backend == "none" and self.nproc > 1:
             raise UserError(f"nproc={self.nproc} needs backend=ddp, fsdp or deepspeed (backend=none is one process)")
+        if self.teacher == "cached":
+            check_cached_settings(self.kd_temperature, self.data.pack, self.data.text_bos)
         KDLoss(self.kd_temperature, self.kd_loss_scale, self.ce_loss_scale, self.kd_reduction, self.loss_chunk_size)
 
 
@@ -181,6 +198,8 @@ def check_inputs(cfg: TrainConfig) -> dict:
     if cfg.backend == "deepspeed" and not Path(cfg.deepspeed_config).is_file():
         raise InputFileError(f"deepspeed_config not found: {cfg.deepspeed_config}")
     tokenizer = load_tokenizer(_checked_model_folder(cfg))
+    if cfg.teacher == "cached":
+        check_targets(cfg.data.train, model_fingerprint(cfg.model))
     if not cfg.data.text_bos:  # text_bos re-encodes the text with this tokenizer: any data fits
         check_data_tokenizer(cfg.data.train, tokenizer)
     prov = provenance(cfg, inputs={"model": model_fingerprint(cfg.model), "data": data_fingerprint(cfg.data.train)},
@@ -217,12 +236,15 @@ def _dtypes(cfg: TrainConfig, rt: Runtime) -> tuple[torch.dtype, torch.dtype, bo
 
 
 def build_models(cfg: TrainConfig, rt: Runtime, student_dtype, teacher_dtype):
-    """(student, teacher, tokenizer); the teacher is frozen full precision, never a student submodule."""
+    """(student, teacher, tokenizer); the teacher is frozen full precision, never a student submodule
+    (None with teacher=cached)."""
     attn = cfg.attn_implementation
     student, tokenizer = load_model(cfg.model, dtype=student_dtype, quant=cfg.quant, attn_implementation=attn)
-    teacher, _ = load_model(cfg.model, dtype=teacher_dtype, attn_implementation=attn)
-    dequantize_model(teacher)  # a saved student as `model` still gives a full-precision teacher
-    teacher.eval().requires_grad_(False).to(rt.device)
+    teacher = None  # teacher=cached: never loaded
+    if cfg.teacher == "online":
+        teacher, _ = load_model(cfg.model, dtype=teacher_dtype, attn_implementation=attn)
+        dequantize_model(teacher)  # a saved student as `model` still gives a full-precision teacher
+        teacher.eval().requires_grad_(False).to(rt.device)
     if cfg.backend != "deepspeed":
         student.to(rt.device)
     if cfg.gradient_checkpointing:
@@ -235,7 +257,10 @@ def build_data(cfg: TrainConfig, tokenizer, rt: Runtime) -> tuple[dict, dict]:
     """Train / held-out blocks; rank 0 tokenizes and fills the cache first."""
     if not rt.is_main:
         barrier(rt)
-    blocks = load_blocks(cfg.data, tokenizer, cfg.model_max_length)
+    if cfg.teacher == "cached":
+        blocks = load_target_blocks(cfg.data.train, tokenizer, cfg.model_max_length)
+    else:
+        blocks = load_blocks(cfg.data, tokenizer, cfg.model_max_length)
     if rt.is_main:
         barrier(rt)
     train, val = split_blocks(blocks, cfg.data.val_fraction, cfg.data.val_max_blocks, cfg.seed)
@@ -282,7 +307,7 @@ def run(cfg: TrainConfig) -> dict:
     save_student(cfg, model, tokenizer, rt, prov)  # after the last step's checkpoint: a failed save loses nothing
     metrics.update(quant=cfg.quant.tag(), backend=cfg.backend, world_size=rt.world_size,
                    train_blocks=len(train["input_ids"]), val_blocks=len(val["input_ids"]), resumed_from=str(ckpt),
-                   compiled=compiled, provenance=prov)
+                   compiled=compiled, teacher=cfg.teacher, provenance=prov)
     if rt.is_main:  # only now: a failed run leaves the previous student's config and metrics as they were
         atomic_write_text(out / "train_config.yaml", to_yaml(cfg))
         write_json(out / "train_metrics.json", metrics)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check: the gpu-marked tests, then generation, QAT-KD step, evaluation, FSDP2 and export
+# One GPU check: the gpu-marked tests, then generation, QAT-KD step, evaluation, FSDP2, export and vLLM
 # measured on SmolLM2-135M, written to one JSON report (about 5 minutes on one H200; on a CPU the
 # same code runs at tiny scale in about a minute). Options: benchmarks/gpu_check.py.
 #   bash scripts/gpu_check.sh                                  # -> runs/gpu_check.json

@@ -5,7 +5,7 @@
 * Imports flow one way: quant -> models -> utils (the library) -> recipes -> entry points (the root
   scripts and benchmarks/). A module may import its own layer or a lower one, never a higher one.
 * One import style: imports sit at module level; only heavy optional dependencies (DeepSpeed,
-  wandb, TensorBoard, lm-eval, HF datasets, matplotlib, llama-cpp-python) may be imported inside a
+  wandb, TensorBoard, lm-eval, HF datasets, matplotlib, llama-cpp-python, vLLM) may be imported inside a
   function, so that a user without them can still run everything else.
 * No library / recipe module over 300 lines unless its docstring says why ("Long file:").
 * Each recipe module defines one `*Config` dataclass and a `run(cfg)`, and each root entry point
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {"quant": 0, "models": 1, "utils": 2, "recipes": 3}
 ENTRY_LAYER = 4
 ROOT_SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py"))
-OPTIONAL_HEAVY = ("deepspeed", "wandb", "torch.utils.tensorboard", "lm_eval", "datasets", "matplotlib", "llama_cpp")
+OPTIONAL_HEAVY = ("deepspeed", "wandb", "torch.utils.tensorboard", "lm_eval", "datasets", "matplotlib", "llama_cpp",
+                  "vllm")
 MAX_LINES = 300
 ENTRY_POINTS = {"generate_data": "recipes.generate", "merge_gen_data": "recipes.merge", "train": "recipes.train",
                 "evaluate": "recipes.evaluate", "export": "recipes.export", "quantize_ptq": "recipes.ptq",

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
 
-STEPS = ["tests", "generation", "train_step", "evaluation", "fsdp", "export"]
+STEPS = ["tests", "generation", "train_step", "evaluation", "fsdp", "export", "vllm"]
 
 
 def _data_dir():
@@ -25,7 +25,7 @@ def _data_dir():
     return value if value and os.path.isdir(value) else ""
 
 
-@pytest.mark.slow  # about a minute: a pytest and a torchrun subprocess, six steps
+@pytest.mark.slow  # about a minute: a pytest and a torchrun subprocess, seven steps
 def test_cpu_mode_writes_the_full_report_and_exits_0(tmp_path):
     out, data = tmp_path / "report.json", _data_dir()
     env = {k: v for k, v in os.environ.items() if k != "LLMQAT_DATA_DIR"}
@@ -49,6 +49,7 @@ def test_cpu_mode_writes_the_full_report_and_exits_0(tmp_path):
     assert steps["generation"]["measurements"]["speedup"]["value"] > 0
     assert steps["fsdp"]["measurements"]["world_size"]["value"] == 1
     assert steps["export"]["measurements"]["gguf_q4_0_bytes"]["value"] > 0
+    assert steps["vllm"]["status"] == "skipped: vLLM needs a GPU"
 
 
 def _ctx(tmp_path):

@@ -181,3 +181,15 @@ def test_command_check_catches_bad_keys(cmd, bad):
             load_config(schema, argv)
     else:
         load_config(schema, argv)
+
+
+def test_readme_results_come_from_committed_result_files():
+    """Every number of the README's results table is in the committed table it quotes."""
+    section = README[README.index("## Results"):README.index("## Layout")]
+    source = re.search(r"result files in `(results/[^`]+)/`", section).group(1)
+    table = (ROOT / source / "table.md").read_text()
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| Method")]
+    numbers = {n for line in rows for n in re.findall(r"-?\d+\.\d+|\b\d+\b(?= \[)", line.replace("**", ""))}
+    assert numbers, "no numbers found in the README results table"
+    missing = sorted(n for n in numbers if n not in table)
+    assert not missing, f"README numbers not in {source}/table.md: {missing}"

@@ -108,7 +108,10 @@ def test_ptq_cli_saves_a_student_that_loads_with_its_quant_config(tiny_model_dir
     assert quantize_ptq.main(args) == 0
     student, _ = load_model(str(out))
     assert student.llmqat_quant_config.tag() == "W4A8KV8"
-    assert json.loads((out / "llmqat_meta.json").read_text())["method"] == method
+    meta = json.loads((out / "llmqat_meta.json").read_text())
+    assert meta["method"] == method and meta["provenance"]["inputs"]["model"].startswith("files:")
+    assert meta["provenance"]["tokenizer"].startswith("tok:") and meta["provenance"]["config"]["method"] == method
+    assert ("calibration" in meta["provenance"]["inputs"]) == (method != "rtn")
     ids = torch.randint(3, TINY_VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.isfinite(student(ids).logits).all()

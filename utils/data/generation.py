@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, List, Optional
 
 import torch
@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
 from quant.errors import UserError
+from utils.data.topk import topk_targets
 
 _INITIAL_CAPACITY = 128  # cache positions allocated first; doubled on demand up to max_length
 
@@ -47,6 +48,7 @@ class _Row:
     greedy_len: int
     generator: torch.Generator
     token_ids: List[int]
+    topk: list = field(default_factory=list)  # per position: (ids [K], logprobs [K + 1]) with teacher_topk
 
 
 def record_seed(seed: int, start_id: int, greedy_len: int) -> int:
@@ -199,11 +201,13 @@ class _Decoding:
     mask_dtype: torch.dtype
     vocab_limit: Optional[int]
     device: torch.device
+    teacher_topk: int = 0
 
 
 @torch.inference_mode()
-def _step(model, cache: SlotCache, rows: list, how: _Decoding) -> list[int]:
-    """One decode step for every row (an idle row, None, feeds token 0 at position 0)."""
+def _step(model, cache: SlotCache, rows: list, how: _Decoding) -> tuple[list[int], Optional[tuple]]:
+    """One decode step for every row (an idle row, None, feeds token 0 at position 0): the next tokens,
+    and with `teacher_topk` the logits' top-K targets (ids [B, K], log-probs [B, K + 1], on the CPU)."""
     device = how.device
     tokens = torch.tensor([[r.token_ids[-1]] if r else [0] for r in rows], device=device)
     positions = torch.tensor([len(r.token_ids) - 1 if r else 0 for r in rows], device=device)
@@ -212,13 +216,27 @@ def _step(model, cache: SlotCache, rows: list, how: _Decoding) -> list[int]:
                    past_key_values=cache, use_cache=True).logits[:, -1, :how.vocab_limit]  # [B, V']
     greedy = [r is None or len(r.token_ids) < r.greedy_len for r in rows]
     uniforms = [0.0 if g else torch.rand(1, generator=r.generator).item() for g, r in zip(greedy, rows)]
-    return sample_next(logits, torch.tensor(greedy, device=device), torch.tensor(uniforms), how.sampling).tolist()
+    targets = None
+    if how.teacher_topk:  # from the logits this step computed anyway: no extra forward
+        targets = tuple(t.cpu() for t in topk_targets(logits, how.teacher_topk))
+    tokens = sample_next(logits, torch.tensor(greedy, device=device), torch.tensor(uniforms), how.sampling)
+    return tokens.tolist(), targets
+
+
+def _finished(row: _Row, reason: str) -> dict:
+    seq = {"start_id": row.start_id, "greedy_len": row.greedy_len, "token_ids": row.token_ids, "finish": reason}
+    if row.topk:
+        seq["topk_ids"] = torch.stack([ids for ids, _ in row.topk])  # [T, K]
+        seq["topk_logprobs"] = torch.stack([lps for _, lps in row.topk])  # [T, K + 1]
+    return seq
 
 
 def generate_sequences(model, jobs: Iterable[tuple[int, int]], *, max_length: int, batch_size: int, seed: int,
                        eos_ids: Iterable[int], sampling: Sampling = Sampling(),
-                       vocab_limit: Optional[int] = None) -> Iterator[dict]:
-    """Yield one dict per finished job (start_id, greedy_len): token_ids (start first) and finish.
+                       vocab_limit: Optional[int] = None, teacher_topk: int = 0) -> Iterator[dict]:
+    """Yield one dict per finished job (start_id, greedy_len): token_ids (start first) and finish; with
+    `teacher_topk` also topk_ids [T, K] and topk_logprobs [T, K + 1] (T = tokens - 1, layout:
+    utils/data/topk.py), the model's distribution at every position, before the sampling warpers.
 
     Records come out in the order they finish. Finished rows are refilled from the queue; once it is
     empty, idle rows are dropped from the batch (a quarter idle at a time, so the cache copy is rare).
@@ -232,20 +250,22 @@ def generate_sequences(model, jobs: Iterable[tuple[int, int]], *, max_length: in
     queue = deque(jobs)
     device = next(model.parameters()).device
     masks = mask_dtype(model.config._attn_implementation or "eager", model.dtype)
-    how = _Decoding(sampling, masks, vocab_limit, device)
+    how = _Decoding(sampling, masks, vocab_limit, device, teacher_topk)
     eos = set(int(e) for e in eos_ids)
     cache = SlotCache(model.config.num_hidden_layers, max_length)
     rows: list = [_new_row(queue.popleft(), seed) for _ in range(min(batch_size, len(queue)))]
     while rows:
-        for i, token in enumerate(_step(model, cache, rows, how)):
+        tokens, targets = _step(model, cache, rows, how)
+        for i, token in enumerate(tokens):
             row = rows[i]
             if row is None:
                 continue
             row.token_ids.append(token)
+            if targets is not None:
+                row.topk.append((targets[0][i], targets[1][i]))
             reason = _finish_reason(row, eos, max_length)
             if reason:
-                yield {"start_id": row.start_id, "greedy_len": row.greedy_len, "token_ids": row.token_ids,
-                       "finish": reason}
+                yield _finished(row, reason)
                 rows[i] = _new_row(queue.popleft(), seed) if queue else None
         idle = [i for i, r in enumerate(rows) if r is None]
         if idle and len(idle) >= max(1, len(rows) // 4):

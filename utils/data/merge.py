@@ -1,19 +1,17 @@
 """Merging generated shards: validate every line, drop exact duplicates, shuffle, write atomically.
 
 Every line of every shard is checked (a JSON object with a `text` string and a non-empty
-`token_ids` list of non-negative ints); a bad line stops the merge with its file and line number
-unless `skip_bad`. Exact duplicate records are dropped, the rest shuffled with `seed` and
-written through a temporary file and a rename, so the output is all new or untouched. The shards
-are streamed twice (check, then copy by byte offset): memory holds offsets, not texts.
-
+`token_ids` list of non-negative ints; a bad line stops the merge with its file:line unless
+`skip_bad`). Exact duplicates are dropped, the rest shuffled with `seed` and written through a
+temporary file and a rename. The shards are streamed twice (check, then copy by byte offset).
 Before any line is read, the shards' metadata (`gen.chunk.XX.meta.json`) must agree on everything
 that made their records (model and its fingerprint, tokenizer fingerprint, max_length, sampling,
-seed, ...; only `shard` may differ): otherwise the merge is refused, naming the keys and the shards,
-unless `allow_mixed` (then the mix is recorded). A merge of zero records is refused (an existing
-output stays). Next to the output, `*.provenance.json` records the merge config, each shard's
-content fingerprint, the shards' common model and tokenizer fingerprints and the output's own
-fingerprint; training reads it to refuse data made with another tokenizer (utils/data/blocks.py).
-Recipe (config, summary printout): recipes/merge.py.
+seed, ...; only `shard` may differ), else the merge is refused, naming the keys and the shards,
+unless `allow_mixed` (then the mix is recorded). Top-K sidecars (teacher_topk=K) are checked block
+by block and copied in the shuffled order to `all_gen.topk.bin` (utils/data/topk.py). Zero records
+are refused (an existing output stays). `*.provenance.json` records the merge config, each shard's
+fingerprint, the shards' common model and tokenizer fingerprints, `teacher_topk` (0: none) and the
+output's fingerprint; training reads it to refuse another tokenizer's data. Recipe: recipes/merge.py.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from tqdm import tqdm
 
 from quant.errors import InputFileError, UserError
 from utils.data.shards import SHARD_GLOB, read_meta
+from utils.data.topk import SidecarReader, shards_topk, write_merged
 from utils.io import JsonlError, atomic_open, write_json
 from utils.logging import progress_disabled
 from utils.provenance import data_fingerprint, differing_keys, provenance
@@ -92,8 +91,8 @@ def check_record(line: bytes) -> dict:
     return record
 
 
-def _scan(paths: list[Path], skip_bad: bool, stats: MergeStats) -> list[_Entry]:
-    """Validate every line; return the first occurrence of each distinct record."""
+def _scan(paths: list[Path], skip_bad: bool, stats: MergeStats, blocks: SidecarReader) -> list[_Entry]:
+    """Validate every line (and top-K block); return each distinct record's first occurrence ("topk" ignored)."""
     seen, entries = set(), []
     for index, path in enumerate(tqdm(paths, desc="check shards", unit="shard", disable=progress_disabled())):
         offset, counts = 0, Counter()
@@ -106,6 +105,7 @@ def _scan(paths: list[Path], skip_bad: bool, stats: MergeStats) -> list[_Entry]:
                     if not line.endswith(b"\n"):
                         raise ValueError("partial last line (an interrupted shard: run it again to repair)")
                     record = check_record(line)
+                    blocks.check(index, record, f"{path}:{lineno}")
                 except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
                     if not skip_bad:
                         raise JsonlError(f"{path}:{lineno}: bad record ({err}); fix it or merge with "
@@ -114,7 +114,8 @@ def _scan(paths: list[Path], skip_bad: bool, stats: MergeStats) -> list[_Entry]:
                     stats.bad_lines += 1
                     continue
                 counts["lines"] += 1
-                digest = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).digest()
+                unique = {k: v for k, v in record.items() if k != "topk"}
+                digest = hashlib.sha1(json.dumps(unique, sort_keys=True).encode()).digest()
                 if digest in seen:
                     stats.duplicates += 1
                     continue
@@ -178,14 +179,16 @@ def merge_shards(in_dir, output: Path, seed: int, skip_bad: bool, allow_mixed: b
     paths = find_shards(in_dir)
     stats = MergeStats(shards=[p.name for p in paths])
     metas = {p.name: read_meta(p) for p in paths}
-    stats.mixed = check_settings(metas, allow_mixed)
-    entries = _scan(paths, skip_bad, stats)
+    stats.mixed, k = check_settings(metas, allow_mixed), shards_topk(paths, metas)
+    with SidecarReader(paths if k else []) as blocks:
+        entries = _scan(paths, skip_bad, stats, blocks)
     if not entries:
         raise UserError(f"no records in the shards of {in_dir}: nothing to merge ({output} left as it was)")
     random.Random(seed).shuffle(entries)
-    _write(paths, entries, output)
+    (write_merged if k else _write)(paths, entries, output)
     stats.missing_shards = missing_shards(paths)
-    write_json(provenance_path(output), merge_provenance(config or {}, paths, metas, stats.mixed, output))
+    write_json(provenance_path(output), {**merge_provenance(config or {}, paths, metas, stats.mixed, output),
+                                         "teacher_topk": k})
     write_json(output.with_suffix(".stats.json"), summary(stats, output))  # last: recipes.merge.is_current
     return stats
 

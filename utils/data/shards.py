@@ -2,6 +2,8 @@
 
     gen_data/gen.chunk.03.jsonl      {"text", "token_ids", "start_id", "greedy_len", "n_tokens", "finish"}
     gen_data/gen.chunk.03.meta.json  what made the records (checked on resume), see below
+    gen_data/gen.chunk.03.topk.bin   with teacher_topk=K only: the teacher's top-K targets, each
+                                     record's "topk" entry points into it (layout: utils/data/topk.py)
 
 A process killed at any point (kill -9 included) leaves at most one partial last line, since each
 record is a single write ending in "\\n". `repair_shard` cuts that partial line off; `done_keys`
@@ -11,7 +13,7 @@ The metadata (written by recipes/generate.py at the start and again at the end o
 
     {"settings":   {what decides the records: model, n_vocab, greedy_lengths, max_length,
                     temperature, top_k, top_p, seed, dtype, start_ids, quantized, shard,
-                    vocab_size, eos_ids},
+                    vocab_size, eos_ids, and teacher_topk when it is > 0},
      "provenance": utils.provenance.provenance(...) of the run: {"config" (GenerateConfig without
                     the runtime keys), "config_hash", "inputs": {"model": model fingerprint},
                     "tokenizer": tokenizer fingerprint, "code", "env"},

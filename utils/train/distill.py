@@ -19,6 +19,20 @@ Reductions: `mean` averages over real tokens (mask == 1); `batchmean_sequence` s
 divides by the batch size, the scale of the original LLM-QAT code (`kl_div(reduction="batchmean")`
 on [B, T, V]). Cross-entropy on the next-token labels (mean over labelled tokens) is mixed in with
 `ce_loss_scale`.
+
+Cached targets (train.py teacher=cached, `KDLoss.forward_cached`): the teacher's top-K ids S and
+log-probs at temperature 1, plus log q(rest), q(rest) = 1 - sum_{v in S} q(v), stored at generation
+(utils/data/topk.py). The student is coarsened the same way: p(rest) = 1 - sum_{v in S} p(v),
+computed as logsumexp of the student logits outside S minus logsumexp of all (exact, no 1 - sum).
+The loss is the KL between the two K + 1 bucket distributions:
+
+    KL_K = sum_{v in S} q(v) (log q(v) - log p(v)) + q(rest) (log q(rest) - log p(rest))
+
+The teacher's K + 1 stored log-probs are renormalized (float16 storage leaves them summing to 1
+only up to ~1e-3). Bias: KL_K = KL - q(rest) * KL(q(.|rest) || p(.|rest)) <= KL (the chain rule of
+KL; the data-processing inequality): the student is not told how to spread the rest's mass, only
+how much to give it. With K = V the rest is empty and KL_K = KL (the tests check loss and gradients).
+Only temperature 1 (what was stored) is accepted with cached targets.
 """
 
 from __future__ import annotations
@@ -47,6 +61,31 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     p_t = log_t.exp()
     terms = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros((), device=p_t.device))
     return terms.sum(-1) * temperature**2
+
+
+def sparse_token_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL_K of each row (module docstring): logits [N, V], ids [N, K], teacher log-probs [N, K + 1] -> [N]."""
+    log_s, topk_ids = F.log_softmax(student_logits.float(), dim=-1), topk_ids.long()
+    # the finite minimum, not -inf: with K = V an all -inf logsumexp would give NaN gradients
+    rest_s = log_s.scatter(-1, topk_ids, torch.finfo(log_s.dtype).min).logsumexp(-1, keepdim=True)  # [N, 1]
+    log_s = torch.cat([log_s.gather(-1, topk_ids), rest_s], dim=-1)  # [N, K + 1]
+    log_t = topk_logprobs.float()
+    log_t = log_t - log_t.logsumexp(-1, keepdim=True)
+    p_t = log_t.exp()
+    terms = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros((), device=p_t.device))
+    return terms.sum(-1)
+
+
+def _cached_chunk_sums(student_hidden, topk_ids, topk_logprobs, labels, mask, student_head, with_kd: bool,
+                       with_ce: bool) -> torch.Tensor:
+    """`_chunk_sums` with cached teacher targets instead of teacher hidden states."""
+    logits = student_head(student_hidden)  # [C, V]
+    kd = ce = logits.new_zeros((), dtype=torch.float32)
+    if with_kd:
+        kd = (sparse_token_kl(logits, topk_ids, topk_logprobs) * mask).sum()
+    if with_ce:
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return torch.stack([kd, ce])
 
 
 def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -109,30 +148,41 @@ class KDLoss(nn.Module):
         Returns:
             {"loss": weighted sum (with grad), "kd": KD term, "ce": CE term} as float32 scalars.
         """
-        batch = student_hidden.shape[0]
-        hidden_s = student_hidden.flatten(0, 1)  # [N, H]
-        hidden_t = teacher_hidden.flatten(0, 1)
         labels = labels.flatten()
         mask = torch.ones_like(labels, dtype=torch.float32) if mask is None else mask.flatten().float()
-        sums = self._sums(hidden_s, hidden_t, labels, mask, student_head, teacher_head)
+        sums = self._sums(_chunk_sums, (student_hidden.flatten(0, 1), teacher_hidden.flatten(0, 1), labels, mask),
+                          (student_head, teacher_head, self.temperature))
+        return self._reduce(sums, student_hidden.shape[0], labels, mask)
+
+    def forward_cached(self, student_hidden: torch.Tensor, student_head: Callable, topk_ids: torch.Tensor,
+                       topk_logprobs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> dict:
+        """`forward` against cached targets: ids [B, T, K], log-probs [B, T, K + 1]; `mask` [B, T]: 1
+        where a target exists. The sparse KL_K of the module docstring (temperature 1)."""
+        labels, mask = labels.flatten(), mask.flatten().float()
+        tokens = (student_hidden.flatten(0, 1), topk_ids.flatten(0, 1), topk_logprobs.flatten(0, 1), labels, mask)
+        return self._reduce(self._sums(_cached_chunk_sums, tokens, (student_head,)), student_hidden.shape[0], labels,
+                            mask)
+
+    def _reduce(self, sums: torch.Tensor, batch: int, labels: torch.Tensor, mask: torch.Tensor) -> dict:
         kd_den = batch if self.reduction == "batchmean_sequence" else mask.sum().clamp(min=1)
         kd = sums[0] / kd_den
         ce = sums[1] / (labels != IGNORE_INDEX).sum().clamp(min=1)
         return {"loss": self.kd_loss_scale * kd + self.ce_loss_scale * ce, "kd": kd.detach(), "ce": ce.detach()}
 
-    def _sums(self, hidden_s, hidden_t, labels, mask, student_head, teacher_head) -> torch.Tensor:
+    def _sums(self, chunk_sums: Callable, tokens: tuple, args: tuple) -> torch.Tensor:
+        """`chunk_sums(*token tensors[chunk], *args, with_kd, with_ce)` summed over token chunks; the
+        first token tensor is the student's hidden states [N, H]."""
         # A term with weight 0 is skipped while training; without grad (held-out evaluation) both are
         # computed, so a cross-entropy-only run still reports its held-out KD loss (not 0).
         evaluating = not torch.is_grad_enabled()
-        args = (student_head, teacher_head, self.temperature, evaluating or self.kd_loss_scale > 0,
-                evaluating or self.ce_loss_scale > 0)
+        args = (*args, evaluating or self.kd_loss_scale > 0, evaluating or self.ce_loss_scale > 0)
+        hidden_s = tokens[0]
         size = self.chunk_size or hidden_s.shape[0]
         recompute = hidden_s.requires_grad and size < hidden_s.shape[0]
         total = None
         for start in range(0, hidden_s.shape[0], size):
-            piece = slice(start, start + size)
-            chunk = (hidden_s[piece], hidden_t[piece], labels[piece], mask[piece], *args)
-            sums = checkpoint(_chunk_sums, *chunk, use_reentrant=False) if recompute else _chunk_sums(*chunk)
+            chunk = (*(t[start:start + size] for t in tokens), *args)
+            sums = checkpoint(chunk_sums, *chunk, use_reentrant=False) if recompute else chunk_sums(*chunk)
             total = sums if total is None else total + sums
         return total
 
@@ -150,12 +200,16 @@ class DistillStudent(nn.Module):
         self.lm = lm
         self.loss = loss
 
-    def forward(self, input_ids, attention_mask, teacher_hidden, teacher_head) -> dict:
+    def forward(self, input_ids, attention_mask, teacher_hidden=None, teacher_head=None, topk_ids=None,
+                topk_logprobs=None, target_mask=None) -> dict:
+        """Online (teacher_hidden, teacher_head) or cached targets (topk_ids, topk_logprobs, target_mask)."""
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state
         labels = next_token_labels(input_ids, attention_mask)
-        return self.loss(hidden, self.lm.get_output_embeddings(), teacher_hidden, teacher_head, labels,
-                         attention_mask)
+        head = self.lm.get_output_embeddings()
+        if topk_ids is not None:
+            return self.loss.forward_cached(hidden, head, topk_ids, topk_logprobs, labels, target_mask)
+        return self.loss(hidden, head, teacher_hidden, teacher_head, labels, attention_mask)
 
 
 @torch.no_grad()

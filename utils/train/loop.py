@@ -61,11 +61,26 @@ def _deepspeed_config(cfg, rt: Runtime) -> dict:
     return ds
 
 
+def is_scale_param(name: str) -> bool:
+    """A learned weight scale (quant/quantizer.py `FakeQuantizer.scale`), whatever wrapper prefixes it."""
+    return name.endswith("weight_quantizer.scale")
+
+
+def param_groups(cfg, model) -> list[dict]:
+    """AdamW groups: the weights (learning_rate, weight_decay), then any learned weight scales
+    (scale_lr or learning_rate, no weight decay: decaying a step size shrinks the grid)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if not is_scale_param(n)]}]
+    scales = [p for n, p in named if is_scale_param(n)]
+    if scales:
+        groups.append({"params": scales, "lr": cfg.scale_lr or cfg.learning_rate, "weight_decay": 0.0})
+    return groups
+
+
 def setup_training(cfg, model, rt: Runtime):
     """(model or engine, optimizer, scheduler) for the backend."""
     model = wrap_model(model, cfg.backend, rt, resolve_precision(cfg.precision, rt.device.type))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(cfg, model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     if cfg.backend == "deepspeed":
         import deepspeed
@@ -96,13 +111,21 @@ def compile_student(cfg, student, rt: Runtime, autocast: bool) -> bool:
     return compile_layers(student, probe)
 
 
-def _batch(blocks: dict, cfg, micro_step: int, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(blocks: dict, cfg, micro_step: int, rt: Runtime) -> dict:
+    """The micro batch's rows of every block tensor (ids, mask; with teacher=cached also the targets)."""
     idx = batch_indices(len(blocks["input_ids"]), cfg.per_device_batch_size, micro_step, rt.rank,
                         rt.world_size, cfg.seed)
-    return blocks["input_ids"][idx].to(rt.device), blocks["attention_mask"][idx].to(rt.device)
+    return {key: value[idx].to(rt.device) for key, value in blocks.items()}
 
 
-def _loss(model, teacher, ids, mask, autocast: bool, device) -> dict:
+def _loss(model, teacher, batch: dict, autocast: bool, device) -> dict:
+    """The loss dict of one batch: against the teacher's hidden states, or (teacher None: teacher=cached)
+    against the batch's cached top-K targets."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        if teacher is None:
+            return model(ids, mask, topk_ids=batch["topk_ids"], topk_logprobs=batch["topk_logprobs"],
+                         target_mask=batch["target_mask"])
     hidden = teacher_hidden_states(teacher, ids, mask)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         return model(ids, mask, hidden, teacher.get_output_embeddings())
@@ -121,8 +144,7 @@ def train_step(model, teacher, optimizer, scheduler, train: dict, cfg, step: int
     """One optimizer step over `gradient_accumulation_steps` micro batches; returns local metrics."""
     accum, sums = cfg.gradient_accumulation_steps, {"loss": 0.0, "kd": 0.0, "ce": 0.0}
     for micro in range(accum):
-        ids, mask = _batch(train, cfg, step * accum + micro, rt)
-        out = _loss(model, teacher, ids, mask, autocast, rt.device)
+        out = _loss(model, teacher, _batch(train, cfg, step * accum + micro, rt), autocast, rt.device)
         if rt.backend == "deepspeed":
             model.backward(out["loss"])
             model.step()  # DeepSpeed accumulates, clips and steps optimizer + scheduler at the boundary
@@ -149,10 +171,10 @@ def evaluate(model, teacher, val: dict, cfg, rt: Runtime, autocast: bool) -> flo
     model.eval()
     total = tokens = 0.0
     for start in range(0, n, cfg.per_device_batch_size):
-        ids = val["input_ids"][start: start + cfg.per_device_batch_size].to(rt.device)
-        mask = val["attention_mask"][start: start + cfg.per_device_batch_size].to(rt.device)
-        weight = float(mask.sum()) if cfg.kd_reduction == "mean" else len(ids)
-        total += float(_loss(model, teacher, ids, mask, autocast, rt.device)["kd"]) * weight
+        batch = {key: value[start: start + cfg.per_device_batch_size].to(rt.device) for key, value in val.items()}
+        mask = batch["target_mask" if teacher is None else "attention_mask"]
+        weight = float(mask.sum()) if cfg.kd_reduction == "mean" else len(mask)
+        total += float(_loss(model, teacher, batch, autocast, rt.device)["kd"]) * weight
         tokens += weight
     model.train()
     return total / tokens

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,19 @@ def _tensorboard_scalars(log_dir) -> dict:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _wandb_history(out_dir) -> dict:
-    """`{step: {key: value}}` from the one offline run's .wandb file (LevelDB-style log of protobuf records)."""
+def _wandb_history(out_dir, timeout_s: float = 30.0) -> dict:
+    """`{step: {key: value}}` from the one offline run's .wandb file, waiting up to `timeout_s` for
+    wandb's service process to flush it (it writes asynchronously; slow on a loaded machine)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        history = _read_wandb_history(out_dir)
+        if history or time.monotonic() > deadline:
+            return history
+        time.sleep(0.5)
+
+
+def _read_wandb_history(out_dir) -> dict:
+    """The history records of the .wandb file (LevelDB-style log of protobuf records)."""
     from wandb.proto.wandb_internal_pb2 import Record
 
     (path,) = Path(out_dir).glob("wandb/offline-run-*/run-*.wandb")
