@@ -77,3 +77,12 @@ def save_tiny_model_dir(path, seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     return save_tiny_model_dir(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (records generated with several threads can differ in rounding)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

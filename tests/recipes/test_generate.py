@@ -127,14 +127,6 @@ def test_shard_comes_from_the_distributed_rank(monkeypatch):
     assert resolve_shard(None) == 3 and resolve_shard(1) == 1
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _run(model_dir, out_dir, *extra, n_vocab=6, max_length=12):
     return run(load_config(GenerateConfig, [*_settings(model_dir, out_dir, n_vocab, max_length), *extra], None))
 

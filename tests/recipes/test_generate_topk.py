@@ -24,14 +24,6 @@ from utils.data.topk import check_block, decode, read_header, sidecar_path
 from utils.io import read_jsonl
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _blocks(shard):
     """{(start_id, greedy_len): the record's block bytes}, each checked against its JSONL entry."""
     data, blocks = sidecar_path(shard).read_bytes(), {}
