@@ -85,6 +85,22 @@ def lsq_grad_factor(slice_len: int, spec: QuantSpec) -> float:
     return 1.0 / math.sqrt(slice_len * (qmax - zp))
 
 
+def _codes_minus_zp(v: torch.Tensor, qmin: int, qmax: int, zp: float, out=None) -> torch.Tensor:
+    """clamp(round(v + zp), qmin, qmax) - zp in a fresh buffer (or `out`); with zp = 0 (every
+    symmetric grid) the add and subtract, two weight-sized passes, are skipped."""
+    if zp == 0:
+        return torch.round(v, out=out).clamp_(qmin, qmax)
+    return torch.add(v, zp, out=out).round_().clamp_(qmin, qmax).sub_(zp)
+
+
+def _inside_mask(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Float 1.0 where lo <= v <= hi, else 0.0 (exact: |v| <= hi when the range is symmetric,
+    else clamp(v) == v)."""
+    if lo == -hi:
+        return v.abs().le_(hi)
+    return torch.clamp(v, lo, hi).sub_(v).eq_(0)
+
+
 class _LSQ(torch.autograd.Function):
     """Forward: (q - zp) * s, the values of `lsq_codes` (same operations); backward: LSQ's gradients.
 
@@ -97,7 +113,7 @@ class _LSQ(torch.autograd.Function):
         qmin, qmax, zp = grid(spec)
         s = effective_scale(scale.detach(), spec, arith_dtype(x.dtype))
         v = grouped(x.detach(), spec) / s
-        y = torch.add(v, zp).round_().clamp_(qmin, qmax).sub_(zp).mul_(s)
+        y = _codes_minus_zp(v, qmin, qmax, zp).mul_(s)
         ctx.spec, ctx.shape, ctx.dtypes = spec, x.shape, (x.dtype, scale.dtype)
         ctx.save_for_backward(v)
         return y.reshape(x.shape).to(x.dtype)
@@ -106,15 +122,16 @@ class _LSQ(torch.autograd.Function):
     def backward(ctx, grad_out):
         (v,) = ctx.saved_tensors
         qmin, qmax, zp = grid(ctx.spec)
-        inside = (v >= qmin - zp).logical_and_(v <= qmax - zp)  # u = v + zp within [qmin, qmax]
         g = grouped(grad_out, ctx.spec)
-        gx = torch.where(inside, g, 0.0)
-        # per element, (q - zp) - v * inside; summed against g: sum g (q - zp) - sum (g * inside) v, the
-        # second product written into the first's buffer (on CPU fresh weight-sized buffers, i.e. page
-        # faults, are most of the cost)
-        buf = torch.add(v, zp).round_().clamp_(qmin, qmax).sub_(zp).mul_(g)
-        grad_s = buf.sum(-1, keepdim=True)
-        grad_s.sub_(torch.mul(v, gx, out=buf).sum(-1, keepdim=True)).mul_(lsq_grad_factor(v.shape[-1], ctx.spec))
+        # On CPU, fresh weight-sized buffers (page faults) and bool-mask kernels (torch.where,
+        # logical_and: ~10x a float multiply) are most of the cost: the mask is built as float 0/1
+        # in place, gx = g * mask, and the codes reuse the mask's buffer. Per element of grad_s,
+        # (q - zp) - v * inside, summed against g: sum g (q - zp) - sum gx v.
+        buf = _inside_mask(v, qmin - zp, qmax - zp)
+        gx = g * buf
+        grad_s = torch.mul(v, gx, out=buf).sum(-1, keepdim=True)
+        buf = _codes_minus_zp(v, qmin, qmax, zp, out=buf).mul_(g)
+        grad_s = buf.sum(-1, keepdim=True).sub_(grad_s).mul_(lsq_grad_factor(v.shape[-1], ctx.spec))
         return gx.reshape(ctx.shape).to(ctx.dtypes[0]), grad_s.to(ctx.dtypes[1]), None
 
 

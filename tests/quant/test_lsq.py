@@ -66,6 +66,18 @@ def test_gradients_equal_the_reference_lsq_implementation(kw):
     torch.testing.assert_close(sa.grad, sb.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kw, bounds", [(dict(w_bits=3), (-3.0, 3.0)),                 # symmetric: |v| <= 3
+                                         (dict(w_bits=4, weight_format="gguf_q4_0"), (-8.0, 7.0))])  # codes 0..15, zp 8
+def test_a_weight_exactly_on_the_range_edge_passes_its_gradient(kw, bounds):
+    """inside = lo <= w / s <= hi, edges included, whichever way the mask is computed."""
+    lo, hi = bounds
+    edges = [lo * 0.5, hi * 0.5, lo * 0.5 - 1e-3, hi * 0.5 + 1e-3]
+    x = torch.tensor([edges + [0.0] * 28], requires_grad=True)  # one Q4_0 block of 32
+    s = torch.tensor([[[0.5]]])
+    lsq_fake_quantize(x, s, spec(**kw)).backward(torch.ones(1, 32))
+    assert x.grad[0, :4].tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
 def test_weight_gradient_matches_finite_differences_between_rounding_steps():
     """Where no code changes, y is linear in x with slope 1 inside the range: central differences agree."""
     sp = spec(w_bits=8)

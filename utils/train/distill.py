@@ -59,7 +59,9 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     p_t = log_t.exp()
-    terms = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros((), device=p_t.device))
+    # 0 log 0 = 0 without torch.where (a bool-mask kernel, ~10x a multiply on CPU, on [N, V]): a -inf
+    # teacher log-prob becomes the finite minimum, whose product with p_t = 0 is 0
+    terms = torch.sub(log_t.clamp_(min=torch.finfo(log_t.dtype).min), log_s).mul_(p_t)
     return terms.sum(-1) * temperature**2
 
 
