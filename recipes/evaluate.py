@@ -64,6 +64,8 @@ class EvalConfig:
     c4_windows, seed: GPTQ-style C4 sampling (number of random windows, random seed).
     ppl_batch_size: windows per forward for perplexity.
     prefix_reuse: run each example's shared prefix once (utils/eval/zeroshot.py).
+    batch_tokens: zero-shot examples packed into forwards of up to this many tokens (block mask,
+        logits only where scored; utils/eval/zeroshot.py); 0: one example per forward.
     use_saved_quant: for a student folder, evaluate its saved quant config with the `quant` fields
         that differ from their defaults merged in (module docstring); false: exactly `quant`.
     attn_implementation: eager / sdpa / ... (what transformers offers); None: its default.
@@ -83,6 +85,7 @@ class EvalConfig:
     seed: int = 0
     ppl_batch_size: int = 1
     prefix_reuse: bool = True
+    batch_tokens: int = 1024
     use_saved_quant: bool = True
     attn_implementation: Optional[str] = None
     dtype: str = "float32"
@@ -101,6 +104,8 @@ class EvalConfig:
             raise UserError("tasks is empty: name at least one task")
         if self.limit is not None and self.limit <= 0:
             raise UserError(f"limit must be positive, got {self.limit}")
+        if self.batch_tokens < 0:
+            raise UserError(f"batch_tokens must be >= 0 (0: one example per forward), got {self.batch_tokens}")
         if self.seqlen < 2:
             raise UserError(f"seqlen must be at least 2, got {self.seqlen}")
         check_attn_implementation(self.attn_implementation)
@@ -147,7 +152,8 @@ def evaluate_task(model, tok, task: str, cfg: EvalConfig) -> dict:
         res = perplexity_of_windows(model, windows, cfg.ppl_batch_size)
     else:
         docs = load_task(task, cfg.data_dir, cfg.limit)
-        res = evaluate_docs(model, tok, docs, TASKS[task].acc_norm, cfg.prefix_reuse, desc=task)
+        res = evaluate_docs(model, tok, docs, TASKS[task].acc_norm, cfg.prefix_reuse, desc=task,
+                            batch_tokens=cfg.batch_tokens)
     seconds = time.time() - start
     n = res.get("n", res.get("windows"))
     res.update(n=n, seconds=round(seconds, 2), examples_per_s=round(n / seconds, 3))

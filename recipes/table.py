@@ -125,14 +125,21 @@ def base_method(cfg: TableConfig, method: str) -> str:
     return str(cfg.ptq_overrides.get(method, {}).get("method", method))
 
 
+def quantizer_suffix(qcfg: QuantConfig) -> str:
+    """"-LSQ", "-ternary", "-MSE" (searched clipping) or "" (MinMax, the paper's): the weight quantizer
+    in a row's label and cache name, so that rows of different quantizers never share either."""
+    names = {"lsq": "-LSQ", "ternary": "-ternary"}
+    return names.get(qcfg.w_quantizer, "") + ("-MSE" if qcfg.w_init == "mse" else "")
+
+
 def row_label(method: str, qcfg: QuantConfig, pcfg: Optional[PTQConfig] = None, name: str = "",
               meta: Optional[dict] = None) -> str:
     """The table's name of a row: FP, RTN, "<PTQ method> (<ptq.label_notes>)" from the student's PTQ
     config and metadata, or "QAT (<name>, <STE>)" from the student's quant config."""
     if method == "qat":
-        return f"QAT ({name}, {'ste_clip' if qcfg.ste_clip else 'identity STE'})"
+        return f"QAT{quantizer_suffix(qcfg)} ({name}, {'ste_clip' if qcfg.ste_clip else 'identity STE'})"
     if pcfg is None or method in ("fp", "rtn"):
-        return "FP" if method == "fp" else LABELS[method]
+        return "FP" if method == "fp" else LABELS[method] + quantizer_suffix(qcfg)
     return f"{LABELS[pcfg.method]} ({', '.join(ptq.label_notes(pcfg, meta))})"
 
 
@@ -197,7 +204,7 @@ def _ptq_rows(cfg: TableConfig, setting: str) -> list:
         if not applies(base_method(cfg, method), qcfg):
             logger.info("%s does not apply at %s (activations not quantized): no row", method, setting)
             continue
-        row = f"{method}-{qcfg.tag()}"
+        row = f"{method}{quantizer_suffix(qcfg).lower()}-{qcfg.tag()}"
         model = cfg.model if method == "rtn" else ptq_student(cfg, method, qcfg, build=not cfg.only_cached)
         if model is None:
             logger.info("%s: no student built with this PTQ config, left out (only_cached)", row)

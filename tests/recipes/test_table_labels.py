@@ -22,6 +22,17 @@ def test_qat_rows_name_their_straight_through_estimator():
     assert row_label("qat", QuantConfig(w_bits=4, ste_clip=True), name="orig") == "QAT (orig, ste_clip)"
 
 
+def test_rows_name_their_weight_quantizer():
+    from recipes.table import row_label
+
+    lsq = QuantConfig(w_bits=4, a_bits=8, kv_bits=8, w_quantizer="lsq")
+    assert row_label("qat", lsq, name="lsq") == "QAT-LSQ (lsq, identity STE)"
+    assert row_label("qat", QuantConfig(w_bits=4, w_quantizer="ternary"), name="t") == "QAT-ternary (t, identity STE)"
+    assert row_label("rtn", QuantConfig(w_bits=4, w_quantizer="ternary")) == "RTN-ternary"
+    assert row_label("rtn", QuantConfig(w_bits=4, w_init="mse")) == "RTN-MSE"
+    assert row_label("rtn", QuantConfig(w_bits=4)) == "RTN"
+
+
 def test_smoothquant_rows_name_the_variant_and_the_chosen_alpha(tmp_path):
     from recipes.ptq import read_ptq_meta
     from recipes.table import row_label

@@ -12,12 +12,23 @@ of the per-example 0/1 outcomes / sqrt(n) = sqrt(p (1 - p) / (n - 1)), utils/eva
 each example's outcome in `per_example` ({"acc": "0110...", ...}: one character per example, in
 task order, compact in the results JSON), so two models on the same examples can be compared paired.
 
-Speed: the choices of one example share a token prefix (the whole context for most tasks, the text
+Speed, default (`score_packed`, `batch_tokens` > 0): many examples go through one forward. Each
+example is laid out once as [shared prefix, choice 1's remainder, choice 2's remainder, ...] and
+examples follow one another in the same row, up to `batch_tokens` tokens; a 4D attention mask lets a
+token see only its own example's prefix and its own choice (block-diagonal, causal), and position ids
+restart at 0 for every example and continue from the prefix for every choice, so each token computes
+what it would in a forward of its own sequence. Logits (and the log-softmax over the vocabulary) are
+computed only at the scored positions (`logits_to_keep` as indices). Results equal one forward per
+choice up to float rounding (tested against `score_pairs`).
+
+Per example (`score_doc`, batch_tokens=0): the choices of one example share a token prefix (the whole context for most tasks, the text
 before the blank for WinoGrande). `score_doc` runs that prefix once, repeats its KV cache for every
 choice and scores all the choice remainders in one right-padded batch. Right padding cannot change
 a real token's logits (causal attention) and every fake quantizer is per token, so the scores equal
 one forward per choice up to float rounding (tested). With per-tensor activation quantization the
 scale depends on everything in the forward, so `evaluate_docs` then scores one choice at a time.
+`score_pairs` with batch size 1 is the naive reference (one forward per choice, all logits), the
+baseline of benchmarks/bench_eval.py.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from quant.errors import UserError
+from utils.data.generation import mask_dtype
 from utils.eval.stats import mean_stderr
 from utils.eval.tasks import MCDoc
 from utils.logging import progress_disabled
@@ -122,6 +134,86 @@ def score_doc(model, pairs: Sequence[Pair], pad_id: int = 0) -> list[float]:
     return scores
 
 
+def _shared_prefix(pairs: Sequence[Pair]) -> int:
+    """Length of the token prefix every choice's sequence starts with, cut at the shortest context
+    (so that every continuation token is predicted at or after the prefix's last position)."""
+    return min(_common_prefix([ctx + cont for ctx, cont in pairs]), min(len(ctx) for ctx, _ in pairs))
+
+
+def pack_layout(docs_pairs: Sequence[Sequence[Pair]]) -> dict:
+    """One packed row for several examples (module docstring): token ids, position ids, the segment
+    of every token (example, choice; -1 = the example's prefix) and, per choice, the row indices
+    whose next-token logits score its continuation and the continuation's ids."""
+    ids, pos, doc_of, seg_of, scored = [], [], [], [], []
+    for d, pairs in enumerate(docs_pairs):
+        fulls = [ctx + cont for ctx, cont in pairs]
+        p = _shared_prefix(pairs)
+        start = len(ids)
+        ids += fulls[0][:p]
+        pos += range(p)
+        doc_of += [d] * p
+        seg_of += [-1] * p
+        doc_scored = []
+        for i, (ctx, cont) in enumerate(pairs):
+            rest = fulls[i][p:-1]  # inputs after the prefix (the last token is only ever predicted)
+            first = len(ids)
+            ids += rest
+            pos += range(p, p + len(rest))
+            doc_of += [d] * len(rest)
+            seg_of += [i] * len(rest)
+            # absolute position a of a continuation token is predicted at a - 1: the prefix's last
+            # token for a - 1 = p - 1, else this choice's rest at index a - 1 - p
+            rows = [start + p - 1 if a - 1 < p else first + a - 1 - p for a in range(len(ctx), len(ctx) + len(cont))]
+            doc_scored.append((rows, cont))
+        scored.append(doc_scored)
+    return {"input_ids": ids, "position_ids": pos, "doc": doc_of, "segment": seg_of, "scored": scored}
+
+
+def packed_mask(doc: torch.Tensor, segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, T, T] mask: token t sees token u <= t of its own example that is in the prefix or in
+    t's own choice. bool (True: visible) for sdpa; additive float (0 / dtype min) otherwise."""
+    t = torch.arange(len(doc), device=doc.device)
+    visible = (doc[:, None] == doc[None, :]) & (t[None, :] <= t[:, None])
+    visible &= (segment[None, :] == -1) | (segment[None, :] == segment[:, None])
+    if dtype == torch.bool:
+        return visible[None, None]
+    return torch.zeros(visible.shape, dtype=dtype, device=doc.device).masked_fill_(~visible, torch.finfo(dtype).min)[
+        None, None]
+
+
+@torch.no_grad()
+def score_packed(model, docs_pairs: Sequence[Sequence[Pair]]) -> list[list[float]]:
+    """Log-likelihood of every choice of several examples in one forward (module docstring)."""
+    device, lay = _device(model), pack_layout(docs_pairs)
+    ids = torch.tensor([lay["input_ids"]], device=device)
+    mask = packed_mask(torch.tensor(lay["doc"], device=device), torch.tensor(lay["segment"], device=device),
+                       mask_dtype(model.config._attn_implementation or "eager", model.dtype))
+    rows = sorted({r for doc in lay["scored"] for rs, _ in doc for r in rs})
+    where = {r: j for j, r in enumerate(rows)}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=torch.tensor([lay["position_ids"]], device=device),
+                   use_cache=False, logits_to_keep=torch.tensor(rows, device=device)).logits[0]
+    logp = F.log_softmax(logits.float(), dim=-1)
+    out = []
+    for doc in lay["scored"]:
+        out.append([logp[[where[r] for r in rs], cont].sum().item() for rs, cont in doc])
+    return out
+
+
+def doc_batches(docs_pairs: Sequence[Sequence[Pair]], batch_tokens: int) -> list[list[int]]:
+    """Consecutive examples grouped so that each group's packed row holds at most `batch_tokens`
+    tokens (an example longer than that forms a group of its own)."""
+    groups, current, size = [], [], 0
+    for d, pairs in enumerate(docs_pairs):
+        p = _shared_prefix(pairs)
+        n = p + sum(len(ctx) + len(cont) - 1 - p for ctx, cont in pairs)
+        if current and size + n > batch_tokens:
+            groups.append(current)
+            current, size = [], 0
+        current.append(d)
+        size += n
+    return groups + ([current] if current else [])
+
+
 def doc_metrics(doc: MCDoc, scores: Sequence[float]) -> dict:
     """{"acc": 0/1, "acc_norm": 0/1} of one example (np.argmax: ties go to the first choice)."""
     lengths = np.array([float(len(c)) for c in doc.choices])
@@ -145,13 +237,15 @@ def _outcomes(values: list) -> str:
 
 
 def evaluate_docs(model, tokenizer, docs: Sequence[MCDoc], acc_norm: bool = True, prefix_reuse: bool = True,
-                  desc: str = "zero-shot", scores_out: Optional[list] = None) -> dict:
+                  desc: str = "zero-shot", scores_out: Optional[list] = None, batch_tokens: int = 0) -> dict:
     """acc (and acc_norm) with standard errors, n and per-example outcomes (`per_example`, see the
     module docstring) over `docs`, quantizers as the model has them.
 
     Args:
         acc_norm: report acc_norm (the harness defines it only for some tasks).
         prefix_reuse: share each example's prefix (`score_doc`); else one batch of full sequences.
+        batch_tokens: > 0: pack consecutive examples into forwards of up to this many tokens
+            (`score_packed`; needs prefix_reuse and per-token activation quantizers); 0: per example.
         scores_out: if a list, the per-choice log-likelihoods of each doc are appended to it.
     """
     if not docs:
@@ -160,7 +254,16 @@ def evaluate_docs(model, tokenizer, docs: Sequence[MCDoc], acc_norm: bool = True
     was_training, pad_id = model.training, _pad_id(tokenizer)
     model.eval()
     per_doc = []
-    for doc in tqdm(docs, desc=desc, disable=progress_disabled()):
+    if batch_tokens > 0 and prefix_reuse and not exact_single:
+        encoded = [encode_doc(tokenizer, doc) for doc in docs]
+        with tqdm(total=len(docs), desc=desc, disable=progress_disabled()) as bar:
+            for group in doc_batches(encoded, batch_tokens):
+                for d, scores in zip(group, score_packed(model, [encoded[d] for d in group])):
+                    if scores_out is not None:
+                        scores_out.append(scores)
+                    per_doc.append(doc_metrics(docs[d], scores))
+                bar.update(len(group))
+    for doc in () if per_doc else tqdm(docs, desc=desc, disable=progress_disabled()):
         pairs = encode_doc(tokenizer, doc)
         if exact_single:
             scores = score_pairs(model, pairs, batch_size=1, pad_id=pad_id)

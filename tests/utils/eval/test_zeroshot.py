@@ -15,7 +15,8 @@ from quant.config import QuantConfig
 from tests.conftest import save_tiny_model_dir
 from utils.eval.stats import binomial_stderr
 from utils.eval.tasks import TASKS, ZERO_SHOT_TASKS, MCDoc, load_task
-from utils.eval.zeroshot import encode_doc, encode_pair, evaluate_docs, score_doc, score_pairs
+from utils.eval.zeroshot import (doc_batches, encode_doc, encode_pair, evaluate_docs, pack_layout, score_doc,
+                                 score_packed, score_pairs)
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,46 @@ def test_unknown_task_and_missing_file_are_clear_errors(tmp_path):
         load_task("mmlu", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="piqa/validation.jsonl"):
         load_task("piqa", str(tmp_path))
+
+
+def _naive(model, docs_pairs) -> list:
+    return [[score_pairs(model, [p], batch_size=1)[0] for p in pairs] for pairs in docs_pairs]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_examples_score_as_one_forward_per_choice(tmp_path, data_dir, attn):
+    """Several examples of every task in one packed forward (4D block mask, restarted positions,
+    logits only where scored), FP and W4A8KV4, under sdpa (bool mask) and eager (additive mask)."""
+    model, tok = load_model(save_tiny_model_dir(tmp_path / "tiny"), attn_implementation=attn)
+    docs = [doc for task in ZERO_SHOT_TASKS for doc in load_task(task, data_dir, limit=2)]
+    docs_pairs = [encode_doc(tok, doc) for doc in docs]
+    np.testing.assert_allclose(sum(score_packed(model, docs_pairs), []), sum(_naive(model, docs_pairs), []),
+                               rtol=1e-6, atol=1e-4)
+    quantize_model(model, QuantConfig(w_bits=4, a_bits=8, kv_bits=4))
+    np.testing.assert_allclose(sum(score_packed(model, docs_pairs[:6]), []), sum(_naive(model, docs_pairs[:6]), []),
+                               rtol=1e-6, atol=1e-4)
+
+
+def test_pack_layout_positions_restart_and_each_choice_continues_the_prefix():
+    pairs = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6])]  # prefix 1 2 3; rests [4] and []
+    lay = pack_layout([pairs, [([7], [8, 9])]])
+    assert lay["input_ids"] == [1, 2, 3, 4, 7, 8] and lay["position_ids"] == [0, 1, 2, 3, 0, 1]
+    assert lay["segment"] == [-1, -1, -1, 0, -1, 0] and lay["doc"] == [0, 0, 0, 0, 1, 1]
+    # choice 1 of example 0: 4 is predicted at the prefix's last token (row 2), 5 at row 3; choice 2: 6 at row 2
+    assert lay["scored"][0] == [([2, 3], [4, 5]), ([2], [6])] and lay["scored"][1] == [([4, 5], [8, 9])]
+
+
+def test_doc_batches_respect_the_token_budget():
+    docs_pairs = [[([1] * 10, [2] * 5)]] * 5  # 14 tokens each
+    assert doc_batches(docs_pairs, 30) == [[0, 1], [2, 3], [4]]
+    assert doc_batches(docs_pairs, 5) == [[0], [1], [2], [3], [4]]  # longer than the budget: alone
+
+
+def test_evaluate_docs_packed_equals_per_example(tiny, data_dir):
+    model, tok = tiny
+    docs = load_task("hellaswag", data_dir, limit=6)
+    a, b = [], []
+    packed = evaluate_docs(model, tok, docs, scores_out=a, batch_tokens=512)
+    single = evaluate_docs(model, tok, docs, scores_out=b, batch_tokens=0)
+    np.testing.assert_allclose(sum(a, []), sum(b, []), rtol=1e-6, atol=1e-4)
+    assert packed["per_example"] == single["per_example"] and packed["n"] == 6
