@@ -17,7 +17,8 @@ from quant.errors import InputFileError
 
 
 def _stored_scale_keys(model) -> list[str]:
-    return [k for k in model.state_dict() if k.endswith("weight_quantizer.scale")]
+    """Weight scales and learned activation / K, V clip ratios (`<module>.<x>_quantizer.clip`)."""
+    return [k for k in model.state_dict() if k.endswith("weight_quantizer.scale") or k.endswith("_quantizer.clip")]
 
 
 def load_stored_scales(model, folder: Union[str, Path]) -> int:

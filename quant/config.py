@@ -31,6 +31,7 @@ GGUF_BLOCK_SIZE = 32
 WEIGHT_FORMATS = ("minmax", *GGUF_FORMATS)
 W_QUANTIZERS = ("minmax", "lsq", "ternary")  # minmax: scale from each forward's weight; else a stored scale
 W_INITS = ("minmax", "mse")
+CLIPS = ("none", "learned")  # activations / K, V: dynamic MinMax scale, or times a learned clip ratio
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -70,6 +71,8 @@ class QuantSpec:
             scale, levels {-s, 0, s}; ignores `bits`). Weights only.
         init: how a stored scale starts: "minmax" or "mse" (per-slice MSE-optimal clipping search);
             minmax with init "mse" keeps the searched scale fixed (RTN / PTQ with a searched clip).
+        clip: "none", or "learned": the dynamic symmetric MinMax scale times one learned clip ratio
+            per quantizer (starts at 1; quant/lsq.py `clipped_fake_quantize`). Activations and K/V only.
     """
 
     bits: int = 16
@@ -81,6 +84,7 @@ class QuantSpec:
     fast_math: bool = False
     quantizer: str = "minmax"
     init: str = "minmax"
+    clip: str = "none"
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -107,6 +111,11 @@ class QuantSpec:
             raise UserError(f"quantizer={self.quantizer} init={self.init} needs a symmetric grid (w_symmetric=True)")
         if self.quantizer == "ternary" and self.format != "minmax":
             raise UserError(f"quantizer=ternary has its own grid: it cannot use format {self.format}")
+        if self.clip not in CLIPS:
+            raise UserError(f"unknown clip {self.clip!r}; choose one of {CLIPS}")
+        if self.clip == "learned" and (self.stored_scale or self.format != "minmax" or not self.symmetric):
+            raise UserError("a learned clip ratio scales a dynamic symmetric MinMax grid: it needs quantizer=minmax, "
+                            "init=minmax, format=minmax and symmetric=True")
 
     @property
     def enabled(self) -> bool:
@@ -152,6 +161,9 @@ class QuantConfig:
         w_quantizer: "minmax" (the paper), "lsq" (learned step size per output channel / group;
             ParetoQ's stretched grid at w_bits=2) or "ternary" (learned scale, {-s, 0, s}; the
             weight is quantized whatever w_bits says, as long as it is not 16/32). See quant/lsq.py.
+        a_clip, kv_clip: "none" (the paper's dynamic MinMax) or "learned": each activation / K / V
+            quantizer's per-token scale times one learned clip ratio (quant/lsq.py), trained with
+            the weight scales' learning rate (scale_lr) and no weight decay. Off by default.
         w_init: "minmax" or "mse" (per-slice MSE-optimal clipping search) start of a stored scale;
             with w_quantizer=minmax, "mse" fixes the weight scale to the searched one.
     """
@@ -173,6 +185,8 @@ class QuantConfig:
     fast_math: bool = False
     w_quantizer: str = "minmax"
     w_init: str = "minmax"
+    a_clip: str = "none"
+    kv_clip: str = "none"
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -193,6 +207,11 @@ class QuantConfig:
             raise UserError(f"w_quantizer=ternary has its own grid: it cannot use weight_format={self.weight_format}")
         self.targets = list(self.targets)
         self.weight_spec()  # validates group size
+        for name, symmetric in (("a_clip", self.a_symmetric), ("kv_clip", self.kv_symmetric)):
+            if getattr(self, name) not in CLIPS:
+                raise UserError(f"unknown {name} {getattr(self, name)!r}; choose one of {CLIPS}")
+            if getattr(self, name) == "learned" and not symmetric:
+                raise UserError(f"{name}=learned scales a symmetric grid: set {name[:-5]}_symmetric=True")
 
     def _check_gguf_weight_format(self) -> None:
         fmt, bits = self.weight_format, GGUF_FORMATS[self.weight_format]
@@ -216,14 +235,15 @@ class QuantConfig:
 
     def act_spec(self) -> QuantSpec:
         return QuantSpec(self.a_bits, self.a_symmetric, self.a_granularity, None, self.ste_clip,
-                         fast_math=self.fast_math)
+                         fast_math=self.fast_math, clip=self.a_clip)
 
     def kv_spec(self, head_dim: Optional[int] = None) -> QuantSpec:
         """Spec for K/V laid out [..., T, KV_HEADS * D]; per_head becomes groups of `head_dim`."""
         if self.kv_granularity == "per_head":
             return QuantSpec(self.kv_bits, self.kv_symmetric, "per_group", head_dim, self.ste_clip,
-                             fast_math=self.fast_math)
-        return QuantSpec(self.kv_bits, self.kv_symmetric, "per_token", None, self.ste_clip, fast_math=self.fast_math)
+                             fast_math=self.fast_math, clip=self.kv_clip)
+        return QuantSpec(self.kv_bits, self.kv_symmetric, "per_token", None, self.ste_clip, fast_math=self.fast_math,
+                         clip=self.kv_clip)
 
     @property
     def enabled(self) -> bool:

@@ -22,6 +22,14 @@ Gradients (LSQ, Esser et al. 2020): with v = w / s and u = v + zp, inside = qmin
     dL/dw = dL/dy * inside                      (straight-through rounding, zero where clamped)
     dL/ds = sum_slice dL/dy * ((q - zp) - v * inside) * g,   g = 1 / sqrt(L * (qmax - zp)),
 L the slice length, (qmax - zp) the largest positive level in steps.
+
+Learned clipping of activations and K/V (`a_clip` / `kv_clip = learned`, `clipped_fake_quantize`):
+the dynamic symmetric MinMax scale of each token (or slice) times one learned ratio c per quantizer,
+s = c * max|x| / qmax (max|x| taken as a constant, as MinMax's straight-through estimator does);
+values clamp(round(x / s), -qmax, qmax) * s. Gradients by autograd through a straight-through round:
+x gets 1 inside the clip range and 0 where clamped; c gets sum dL/dy * (q - v * inside) * max|x| / qmax
+(LSQ's step-size gradient, without its g: one ratio per quantizer, trained by Adam). With c = 1 the
+values are MinMax's (float32 arithmetic: up to rounding of the float64 MinMax path).
 """
 
 from __future__ import annotations
@@ -193,3 +201,15 @@ def weight_codes(x: torch.Tensor, spec: QuantSpec, scale=None) -> tuple[torch.Te
             raise ValueError(f"quantizer={spec.quantizer} init={spec.init} needs its stored scale")
         return lsq_codes(x, scale, spec)
     return quantize_codes(x, spec)
+
+
+def clipped_fake_quantize(x: torch.Tensor, clip: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake-quantize activations / K, V `x` [..., N] on the dynamic symmetric grid scaled by the learned
+    ratio `clip` (module docstring); same shape and dtype as `x`."""
+    qmax = int_range(spec.bits, True)[1]
+    xg = group_view(x.to(arith_dtype(x.dtype)), spec.granularity, spec.group_size)
+    max_abs = xg.detach().abs().amax(dim=-1, keepdim=True)
+    s = (clip.to(xg.dtype) * max_abs / qmax).clamp_min(torch.finfo(xg.dtype).tiny)
+    u = (xg / s).clamp(-qmax, qmax)
+    y = (u + (torch.round(u) - u).detach()) * s
+    return y.reshape(x.shape).to(x.dtype)

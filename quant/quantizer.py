@@ -3,6 +3,8 @@
 A spec with a stored scale (w_quantizer lsq / ternary, or w_init mse; quant/lsq.py) makes the
 quantizer hold `scale` [..., S, 1] (one per slice of `group_view(weight)`): a Parameter when learned,
 a buffer when searched once; both are in the state dict, so they save, load and resume with the model.
+A spec with clip="learned" (activations, K/V) makes it hold `clip` [1], the learned clip ratio of
+its dynamic scale (starts at 1: MinMax), likewise in the state dict.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 from quant.config import QuantSpec
 from quant.fake_quant import apply_spec, group_view
-from quant.lsq import init_scale, lsq_fake_quantize, weight_codes
+from quant.lsq import clipped_fake_quantize, init_scale, lsq_fake_quantize, weight_codes
 
 
 def scale_shape(shape: tuple, spec: QuantSpec) -> tuple:
@@ -42,6 +44,8 @@ class FakeQuantizer(nn.Module):
                 self.scale = nn.Parameter(scale)
             else:
                 self.register_buffer("scale", scale)
+        if spec.enabled and spec.clip == "learned":
+            self.clip = nn.Parameter(torch.ones(1, device=device))
 
     @torch.no_grad()
     def reset_scale(self, x: torch.Tensor) -> None:
@@ -64,6 +68,8 @@ class FakeQuantizer(nn.Module):
             return x
         if self.learned_scale() is not None:
             return lsq_fake_quantize(x, self.scale, self.spec)
+        if getattr(self, "clip", None) is not None:
+            return clipped_fake_quantize(x, self.clip, self.spec)
         return apply_spec(x, self.spec)
 
     def extra_repr(self) -> str:
@@ -73,4 +79,5 @@ class FakeQuantizer(nn.Module):
         group = f", group_size={s.group_size}" if s.granularity == "per_group" else ""
         sym = "sym" if s.symmetric else "asym"
         kind = f", {s.quantizer}, init={s.init}" if s.stored_scale else ""
+        kind += ", learned clip" if s.clip == "learned" else ""
         return f"bits={s.bits}, {sym}, {s.granularity}{group}{kind}, enabled={self.enabled}"

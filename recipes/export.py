@@ -90,6 +90,11 @@ def check_student(student: str, fmt: str) -> QuantConfig:
     if fmt in GGUF_TERNARY and qcfg.w_quantizer != "ternary":
         raise UserError(f"format={fmt} holds ternary weights: the student has w_quantizer={qcfg.w_quantizer} "
                         f"(train it with w_quantizer=ternary)")
+    learned = [k for k in ("a_clip", "kv_clip") if getattr(qcfg, k) == "learned"]
+    if learned:
+        raise UserError(f"the student has {', '.join(f'{k}=learned' for k in learned)}: no export format stores "
+                        f"learned activation / KV clip ratios yet (runtimes compute these scales per token), so the "
+                        f"export would not compute what the student computes")
     if fmt == "compressed_tensors" and ct.unsupported_reason(qcfg):
         raise UserError(f"format=compressed_tensors cannot hold the student ({qcfg.tag()}): "
                          f"{ct.unsupported_reason(qcfg)}")

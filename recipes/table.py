@@ -126,10 +126,12 @@ def base_method(cfg: TableConfig, method: str) -> str:
 
 
 def quantizer_suffix(qcfg: QuantConfig) -> str:
-    """"-LSQ", "-ternary", "-MSE" (searched clipping) or "" (MinMax, the paper's): the weight quantizer
-    in a row's label and cache name, so that rows of different quantizers never share either."""
+    """"-LSQ", "-ternary", "-MSE" (searched clipping), "-clip" (learned activation / KV clip ratios) or ""
+    (MinMax, the paper's): the quantizers in a row's label and cache name, so that rows of different
+    quantizers never share either."""
     names = {"lsq": "-LSQ", "ternary": "-ternary"}
-    return names.get(qcfg.w_quantizer, "") + ("-MSE" if qcfg.w_init == "mse" else "")
+    clip = "-clip" if "learned" in (qcfg.a_clip, qcfg.kv_clip) else ""
+    return names.get(qcfg.w_quantizer, "") + ("-MSE" if qcfg.w_init == "mse" else "") + clip
 
 
 def row_label(method: str, qcfg: QuantConfig, pcfg: Optional[PTQConfig] = None, name: str = "",

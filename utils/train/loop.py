@@ -62,13 +62,14 @@ def _deepspeed_config(cfg, rt: Runtime) -> dict:
 
 
 def is_scale_param(name: str) -> bool:
-    """A learned weight scale (quant/quantizer.py `FakeQuantizer.scale`), whatever wrapper prefixes it."""
-    return name.endswith("weight_quantizer.scale")
+    """A learned weight scale or clip ratio (quant/quantizer.py `FakeQuantizer.scale` / `.clip`),
+    whatever wrapper prefixes it."""
+    return name.endswith("weight_quantizer.scale") or name.endswith("_quantizer.clip")
 
 
 def param_groups(cfg, model) -> list[dict]:
-    """AdamW groups: the weights (learning_rate, weight_decay), then any learned weight scales
-    (scale_lr or learning_rate, no weight decay: decaying a step size shrinks the grid)."""
+    """AdamW groups: the weights (learning_rate, weight_decay), then any learned weight scales and clip
+    ratios (scale_lr or learning_rate, no weight decay: decaying a step size shrinks the grid)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if not is_scale_param(n)]}]
     scales = [p for n, p in named if is_scale_param(n)]
