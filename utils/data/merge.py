@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 _SHARD_INDEX = re.compile(r"gen\.chunk\.(\d+)\.jsonl$")
 
+NGRAM_SIZES = (1, 2, 4)  # the data statistics report distinct n-grams / n-grams for these n
+
 
 @dataclass
 class _Entry:
@@ -59,6 +61,9 @@ class MergeStats:
     missing_shards: list = field(default_factory=list)
     incomplete_shards: dict = field(default_factory=dict)
     mixed: dict = field(default_factory=dict)  # differing key -> {shard: value}; "no_metadata" -> shards
+    start_ids: set = field(default_factory=set)
+    ngrams: dict = field(default_factory=lambda: {n: set() for n in NGRAM_SIZES})  # n -> hashes of distinct n-grams
+    ngram_count: Counter = field(default_factory=Counter)  # n -> n-grams seen
 
 
 def find_shards(in_dir) -> list[Path]:
@@ -127,7 +132,14 @@ def _scan(paths: list[Path], skip_bad: bool, stats: MergeStats, blocks: SidecarR
 
 
 def _count(record: dict, stats: MergeStats) -> None:
-    n = len(record["token_ids"])
+    ids = record["token_ids"]
+    n = len(ids)
+    if "start_id" in record:
+        stats.start_ids.add(record["start_id"])
+    for size in NGRAM_SIZES:  # diversity: distinct n-grams / n-grams, over the whole set
+        grams = [hash(tuple(ids[i : i + size])) for i in range(n - size + 1)]
+        stats.ngrams[size].update(grams)
+        stats.ngram_count[size] += len(grams)
     stats.records += 1
     stats.tokens += n
     stats.lengths[1 << (n - 1).bit_length()] += 1  # bucket: the next power of two >= n
@@ -271,7 +283,9 @@ def summary(stats: MergeStats, output: Path) -> dict:
             "bad_lines_skipped": stats.bad_lines, "finish": dict(stats.finish),
             "length_histogram": {f"<={k}": v for k, v in sorted(stats.lengths.items())},
             "missing_shards": stats.missing_shards, "incomplete_shards": stats.incomplete_shards,
-            "mixed": stats.mixed}
+            "mixed": stats.mixed, "distinct_start_ids": len(stats.start_ids),
+            "eos_share": round(stats.finish.get("eos", 0) / max(stats.records, 1), 4),
+            "distinct_ngrams": {str(k): round(len(v) / max(stats.ngram_count[k], 1), 4) for k, v in stats.ngrams.items()}}
 
 
 def format_summary(info: dict) -> str:
@@ -280,6 +294,8 @@ def format_summary(info: dict) -> str:
              f"{info['shards']} shards into {info['output']}",
              f"dropped {info['duplicates_dropped']} exact duplicates, skipped {info['bad_lines_skipped']} bad lines; "
              f"finish: {info['finish']}",
+             f"{info['distinct_start_ids']} distinct start ids; EOS share {info['eos_share']:.1%}; distinct n-grams / "
+             f"n-grams: " + ", ".join(f"{k}-grams {v:.1%}" for k, v in info["distinct_ngrams"].items()),
              "length histogram (tokens per record):"]
     lines += [f"  {k:>7} {v:8d} {'#' * max(1, round(40 * v / peak))}" for k, v in info["length_histogram"].items()]
     lines.append(f"missing shards: {_ranges(info['missing_shards']) or 'none'}")

@@ -187,3 +187,14 @@ def test_merge_gen_data_exits_2_naming_the_key(shards):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and "seed differs" in proc.stderr and "Traceback" not in proc.stderr
     assert read_meta(shards / "gen.chunk.02.jsonl")["settings"]["seed"] == 5
+
+
+def test_statistics_count_start_ids_eos_share_and_distinct_ngrams(tmp_path):
+    records = [_record(3, n=4), _record(4, n=4), {**_record(5, n=2), "finish": "eos"}]
+    _shard(tmp_path, 0, records)  # token ids: 3 10 11 12 / 4 10 11 12 / 5 10
+    info = summary(merge(MergeConfig(in_dir=str(tmp_path))), tmp_path / "all_gen.jsonl")
+    assert info["distinct_start_ids"] == 3 and info["eos_share"] == pytest.approx(1 / 3, abs=1e-4)
+    # 1-grams: 10 tokens, distinct {3, 4, 5, 10, 11, 12}; 2-grams: 7, distinct {3-10, 4-10, 5-10, 10-11, 11-12}
+    # 4-grams: 2, both distinct
+    assert info["distinct_ngrams"] == {"1": 0.6, "2": round(5 / 7, 4), "4": 1.0}
+    assert "3 distinct start ids" in format_summary(info)
