@@ -13,13 +13,14 @@ each example's outcome in `per_example` ({"acc": "0110...", ...}: one character 
 task order, compact in the results JSON), so two models on the same examples can be compared paired.
 
 Speed, default (`score_packed`, `batch_tokens` > 0): many examples go through one forward. Each
-example is laid out once as [shared prefix, choice 1's remainder, choice 2's remainder, ...] and
-examples follow one another in the same row, up to `batch_tokens` tokens; a 4D attention mask lets a
-token see only its own example's prefix and its own choice (block-diagonal, causal), and position ids
-restart at 0 for every example and continue from the prefix for every choice, so each token computes
-what it would in a forward of its own sequence. Logits (and the log-softmax over the vocabulary) are
-computed only at the scored positions (`logits_to_keep` as indices). Results equal one forward per
-choice up to float rounding (tested against `score_pairs`).
+example is one row laid out as [shared prefix, choice 1's remainder, choice 2's remainder, ...];
+a 4D attention mask lets a choice's tokens see the prefix and their own choice only, and position
+ids continue from the prefix for every choice, so each token computes what it would in a forward of
+its own sequence. Rows are right-padded (pad tokens see only pads; no real token sees them) and
+examples are grouped shortest first into forwards of at most `batch_tokens` padded tokens. Logits
+(and the log-softmax over the vocabulary) are computed only at the scored positions, from the
+decoder's last hidden states and the output embedding. Results equal one forward per choice up to
+float rounding (tested against `score_pairs`).
 
 Per example (`score_doc`, batch_tokens=0): the choices of one example share a token prefix (the whole context for most tasks, the text
 before the blank for WinoGrande). `score_doc` runs that prefix once, repeats its KV cache for every
@@ -169,48 +170,58 @@ def pack_layout(docs_pairs: Sequence[Sequence[Pair]]) -> dict:
     return {"input_ids": ids, "position_ids": pos, "doc": doc_of, "segment": seg_of, "scored": scored}
 
 
-def packed_mask(doc: torch.Tensor, segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[1, 1, T, T] mask: token t sees token u <= t of its own example that is in the prefix or in
-    t's own choice. bool (True: visible) for sdpa; additive float (0 / dtype min) otherwise."""
-    t = torch.arange(len(doc), device=doc.device)
-    visible = (doc[:, None] == doc[None, :]) & (t[None, :] <= t[:, None])
-    visible &= (segment[None, :] == -1) | (segment[None, :] == segment[:, None])
-    if dtype == torch.bool:
-        return visible[None, None]
-    return torch.zeros(visible.shape, dtype=dtype, device=doc.device).masked_fill_(~visible, torch.finfo(dtype).min)[
-        None, None]
+def _packed_len(pairs: Sequence[Pair]) -> int:
+    """Tokens of an example's packed layout: its shared prefix once, then each choice's remainder."""
+    p = _shared_prefix(pairs)
+    return p + sum(len(ctx) + len(cont) - 1 - p for ctx, cont in pairs)
 
 
 @torch.no_grad()
-def score_packed(model, docs_pairs: Sequence[Sequence[Pair]]) -> list[list[float]]:
-    """Log-likelihood of every choice of several examples in one forward (module docstring)."""
-    device, lay = _device(model), pack_layout(docs_pairs)
-    ids = torch.tensor([lay["input_ids"]], device=device)
-    mask = packed_mask(torch.tensor(lay["doc"], device=device), torch.tensor(lay["segment"], device=device),
-                       mask_dtype(model.config._attn_implementation or "eager", model.dtype))
-    rows = sorted({r for doc in lay["scored"] for rs, _ in doc for r in rs})
-    where = {r: j for j, r in enumerate(rows)}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=torch.tensor([lay["position_ids"]], device=device),
-                   use_cache=False, logits_to_keep=torch.tensor(rows, device=device)).logits[0]
-    logp = F.log_softmax(logits.float(), dim=-1)
-    out = []
-    for doc in lay["scored"]:
-        out.append([logp[[where[r] for r in rs], cont].sum().item() for rs, cont in doc])
-    return out
+def score_packed(model, docs_pairs: Sequence[Sequence[Pair]], pad_id: int = 0) -> list[list[float]]:
+    """Log-likelihood of every choice of several examples in one forward (module docstring): one
+    right-padded row per example, its layout from `pack_layout`, a [B, 1, T, T] mask (pad tokens see
+    only pad tokens, no real token sees them), logits only at the scored positions."""
+    device = _device(model)
+    lays = [pack_layout([pairs]) for pairs in docs_pairs]
+    width = max(len(lay["input_ids"]) for lay in lays)
+
+    def padded(key, fill):
+        return torch.tensor([lay[key] + [fill] * (width - len(lay[key])) for lay in lays], device=device)
+
+    doc, seg = padded("doc", -1), padded("segment", -1)  # pads: example -1, "prefix" segment (causal among pads)
+    t = torch.arange(width, device=device)
+    visible = (doc[:, :, None] == doc[:, None, :]) & (t[None, None, :] <= t[None, :, None])
+    visible &= (seg[:, None, :] == -1) | (seg[:, None, :] == seg[:, :, None])
+    dtype = mask_dtype(model.config._attn_implementation or "eager", model.dtype)
+    mask = visible if dtype == torch.bool else torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(
+        ~visible, torch.finfo(dtype).min)
+    hidden = model.get_decoder()(input_ids=padded("input_ids", pad_id), attention_mask=mask[:, None],
+                                 position_ids=padded("position_ids", 0), use_cache=False).last_hidden_state
+    spots = [(b, r) for b, lay in enumerate(lays) for choice in lay["scored"][0] for r in choice[0]]
+    where = {spot: j for j, spot in enumerate(spots)}
+    rows = torch.tensor([b for b, _ in spots], device=device), torch.tensor([r for _, r in spots], device=device)
+    logits = model.get_output_embeddings()(hidden[rows]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-style models cap their logits after the head
+        logits = torch.tanh(logits / cap) * cap
+    logp = F.log_softmax(logits, dim=-1)
+    return [[logp[[where[(b, r)] for r in rs], cont].sum().item() for rs, cont in lay["scored"][0]]
+            for b, lay in enumerate(lays)]
 
 
 def doc_batches(docs_pairs: Sequence[Sequence[Pair]], batch_tokens: int) -> list[list[int]]:
-    """Consecutive examples grouped so that each group's packed row holds at most `batch_tokens`
-    tokens (an example longer than that forms a group of its own)."""
-    groups, current, size = [], [], 0
-    for d, pairs in enumerate(docs_pairs):
-        p = _shared_prefix(pairs)
-        n = p + sum(len(ctx) + len(cont) - 1 - p for ctx, cont in pairs)
-        if current and size + n > batch_tokens:
+    """Examples grouped into forwards of at most `batch_tokens` padded tokens (rows x the longest
+    row), shortest first so that rows of one forward have similar lengths; an example longer than
+    the budget forms a group of its own. Returns example indices."""
+    order = sorted(range(len(docs_pairs)), key=lambda d: _packed_len(docs_pairs[d]))
+    groups, current, width = [], [], 0
+    for d in order:
+        n = _packed_len(docs_pairs[d])
+        if current and (len(current) + 1) * max(width, n) > batch_tokens:
             groups.append(current)
-            current, size = [], 0
+            current, width = [], 0
         current.append(d)
-        size += n
+        width = max(width, n)
     return groups + ([current] if current else [])
 
 
@@ -255,14 +266,15 @@ def evaluate_docs(model, tokenizer, docs: Sequence[MCDoc], acc_norm: bool = True
     model.eval()
     per_doc = []
     if batch_tokens > 0 and prefix_reuse and not exact_single:
-        encoded = [encode_doc(tokenizer, doc) for doc in docs]
+        encoded, found = [encode_doc(tokenizer, doc) for doc in docs], {}
         with tqdm(total=len(docs), desc=desc, disable=progress_disabled()) as bar:
             for group in doc_batches(encoded, batch_tokens):
-                for d, scores in zip(group, score_packed(model, [encoded[d] for d in group])):
-                    if scores_out is not None:
-                        scores_out.append(scores)
-                    per_doc.append(doc_metrics(docs[d], scores))
+                found.update(zip(group, score_packed(model, [encoded[d] for d in group], pad_id)))
                 bar.update(len(group))
+        for d, doc in enumerate(docs):
+            if scores_out is not None:
+                scores_out.append(found[d])
+            per_doc.append(doc_metrics(doc, found[d]))
     for doc in () if per_doc else tqdm(docs, desc=desc, disable=progress_disabled()):
         pairs = encode_doc(tokenizer, doc)
         if exact_single:

@@ -144,8 +144,8 @@ def _naive(model, docs_pairs) -> list:
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_examples_score_as_one_forward_per_choice(tmp_path, data_dir, attn):
-    """Several examples of every task in one packed forward (4D block mask, restarted positions,
-    logits only where scored), FP and W4A8KV4, under sdpa (bool mask) and eager (additive mask)."""
+    """Several examples of every task in one forward (a padded row each, 4D mask, positions continuing
+    the prefix, logits only where scored), FP and W4A8KV4, under sdpa (bool mask) and eager (additive)."""
     model, tok = load_model(save_tiny_model_dir(tmp_path / "tiny"), attn_implementation=attn)
     docs = [doc for task in ZERO_SHOT_TASKS for doc in load_task(task, data_dir, limit=2)]
     docs_pairs = [encode_doc(tok, doc) for doc in docs]
@@ -165,10 +165,12 @@ def test_pack_layout_positions_restart_and_each_choice_continues_the_prefix():
     assert lay["scored"][0] == [([2, 3], [4, 5]), ([2], [6])] and lay["scored"][1] == [([4, 5], [8, 9])]
 
 
-def test_doc_batches_respect_the_token_budget():
+def test_doc_batches_respect_the_token_budget_shortest_first():
     docs_pairs = [[([1] * 10, [2] * 5)]] * 5  # 14 tokens each
-    assert doc_batches(docs_pairs, 30) == [[0, 1], [2, 3], [4]]
+    assert doc_batches(docs_pairs, 30) == [[0, 1], [2, 3], [4]]  # 2 rows x 14 padded tokens <= 30
     assert doc_batches(docs_pairs, 5) == [[0], [1], [2], [3], [4]]  # longer than the budget: alone
+    mixed = [[([1] * 20, [2])], [([1] * 3, [2])], [([1] * 5, [2])]]  # 20, 3, 5 tokens
+    assert doc_batches(mixed, 10) == [[1, 2], [0]]
 
 
 def test_evaluate_docs_packed_equals_per_example(tiny, data_dir):
