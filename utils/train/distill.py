@@ -65,17 +65,40 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     return terms.sum(-1) * temperature**2
 
 
+class _SparseKL(torch.autograd.Function):
+    """KL_K per row with a hand-written backward: one vocabulary-sized buffer (the student's softmax)
+    instead of autograd's chain through log_softmax, scatter, logsumexp and gather. With bucket
+    probabilities P_b (the K top ids alone, then the rest) and the teacher's q_b,
+        dKL_K / dz_v = p_v - q_v                   for v in the top K
+                     = p_v (1 - q_rest / P_rest)    for every other v."""
+
+    @staticmethod
+    def forward(ctx, logits, topk_ids, log_t):
+        p = torch.softmax(logits.float(), dim=-1)  # [N, V]: the one vocabulary-sized buffer (fused kernel)
+        p_top = p.gather(-1, topk_ids)
+        p_rest = p.scatter_(-1, topk_ids, 0.0).sum(-1, keepdim=True)  # exact sum of the rest (no 1 - sum)
+        # log p of the buckets; a top-K probability that underflows counts as the smallest normal one
+        log_s = torch.cat([p_top.clamp_min(torch.finfo(p.dtype).tiny).log(), p_rest.log()], dim=-1)  # [N, K + 1]
+        q = log_t.exp()
+        # 0 log 0 = 0: a bucket the teacher gives no mass adds nothing (finite minimum, never NaN)
+        kl = (log_t.clamp(min=torch.finfo(log_t.dtype).min) - log_s.clamp(min=torch.finfo(log_s.dtype).min)).mul_(q)
+        ratio = torch.where(p_rest > 0, q[:, -1:] / p_rest, torch.ones_like(p_rest))  # q_rest / P_rest
+        ctx.save_for_backward(p, topk_ids, p_top - q[:, :-1], ratio)
+        return kl.sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        p, topk_ids, top_grad, ratio = ctx.saved_tensors  # p: the softmax with the top K zeroed
+        # in place on the saved softmax: this graph is never run backward twice (no retain_graph)
+        grad = p.mul_(1.0 - ratio).scatter_(-1, topk_ids, top_grad).mul_(grad_out[:, None])
+        return grad, None, None
+
+
 def sparse_token_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
     """KL_K of each row (module docstring): logits [N, V], ids [N, K], teacher log-probs [N, K + 1] -> [N]."""
-    log_s, topk_ids = F.log_softmax(student_logits.float(), dim=-1), topk_ids.long()
-    # the finite minimum, not -inf: with K = V an all -inf logsumexp would give NaN gradients
-    rest_s = log_s.scatter(-1, topk_ids, torch.finfo(log_s.dtype).min).logsumexp(-1, keepdim=True)  # [N, 1]
-    log_s = torch.cat([log_s.gather(-1, topk_ids), rest_s], dim=-1)  # [N, K + 1]
     log_t = topk_logprobs.float()
-    log_t = log_t - log_t.logsumexp(-1, keepdim=True)
-    p_t = log_t.exp()
-    terms = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros((), device=p_t.device))
-    return terms.sum(-1)
+    log_t = log_t - log_t.logsumexp(-1, keepdim=True)  # float16 storage: renormalize the K + 1 buckets
+    return _SparseKL.apply(student_logits, topk_ids.long(), log_t)
 
 
 def _cached_chunk_sums(student_hidden, topk_ids, topk_logprobs, labels, mask, student_head, with_kd: bool,

@@ -80,3 +80,28 @@ def test_sparse_kl_is_a_lower_bound_and_exact_at_full_k():
     ref = q * (q.log() - p.log()) + (1 - q) * ((1 - q).log() - (1 - p).log())
     torch.testing.assert_close(sparse_token_kl(student, *topk_targets(teacher, 1)), ref.squeeze(-1),
                                rtol=1e-4, atol=1e-6)
+
+
+def _reference_sparse_kl(logits, topk_ids, topk_logprobs):
+    """KL_K by plain autograd (bucket log-probs from log_softmax, the rest by a masked logsumexp)."""
+    log_s = torch.log_softmax(logits, dim=-1)
+    rest = log_s.scatter(-1, topk_ids, float("-inf")).logsumexp(-1, keepdim=True)
+    log_s = torch.cat([log_s.gather(-1, topk_ids), rest], dim=-1)
+    log_t = topk_logprobs - topk_logprobs.logsumexp(-1, keepdim=True)
+    return (log_t.exp() * (log_t - log_s)).sum(-1)
+
+
+@pytest.mark.parametrize("k", [1, 4, 17])
+def test_sparse_kl_backward_equals_autograd_of_the_formula(k):
+    gen = torch.Generator().manual_seed(k)
+    logits = (torch.randn(6, 50, generator=gen) * 3).requires_grad_()
+    teacher = torch.log_softmax(torch.randn(6, 50, generator=gen) * 3, dim=-1)
+    top_ids, top_lps = topk_targets(teacher, k)
+    weights = torch.rand(6, generator=gen)
+    (sparse_token_kl(logits, top_ids, top_lps) * weights).sum().backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    want_loss = _reference_sparse_kl(logits, top_ids.long(), top_lps.float())
+    (want_loss * weights).sum().backward()
+    torch.testing.assert_close(sparse_token_kl(logits, top_ids, top_lps), want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, logits.grad, rtol=1e-5, atol=1e-7)
