@@ -46,9 +46,16 @@ def scorers(model, docs_pairs, batch_tokens: int) -> dict:
     return {
         "naive": lambda: [[score_pairs(model, [p], batch_size=1)[0] for p in pairs] for pairs in docs_pairs],
         "per_example": lambda: [score_doc(model, pairs) for pairs in docs_pairs],
-        "packed": lambda: [s for group in doc_batches(docs_pairs, batch_tokens)
-                           for s in score_packed(model, [docs_pairs[d] for d in group])],
+        "packed": lambda: packed_in_order(model, docs_pairs, batch_tokens),
     }
+
+
+def packed_in_order(model, docs_pairs, batch_tokens: int) -> list:
+    """`score_packed` over `doc_batches` (shortest first), returned in the examples' order."""
+    found = {}
+    for group in doc_batches(docs_pairs, batch_tokens):
+        found.update(zip(group, score_packed(model, [docs_pairs[d] for d in group])))
+    return [found[d] for d in range(len(docs_pairs))]
 
 
 def main() -> None:
