@@ -12,6 +12,8 @@ by block and copied in the shuffled order to `all_gen.topk.bin` (utils/data/topk
 are refused (an existing output stays). `*.provenance.json` records the merge config, each shard's
 fingerprint, the shards' common model and tokenizer fingerprints, `teacher_topk` (0: none) and the
 output's fingerprint; training reads it to refuse another tokenizer's data. Recipe: recipes/merge.py.
+The statistics (lengths, EOS share, distinct start ids and n-grams) are counted in the same pass.
+Long file: the checks, the copy and the statistics of the one pass over the shards stay together.
 """
 
 from __future__ import annotations
