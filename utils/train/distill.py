@@ -23,7 +23,7 @@ on [B, T, V]). Cross-entropy on the next-token labels (mean over labelled tokens
 Cached targets (train.py teacher=cached, `KDLoss.forward_cached`): the teacher's top-K ids S and
 log-probs at temperature 1, plus log q(rest), q(rest) = 1 - sum_{v in S} q(v), stored at generation
 (utils/data/topk.py). The student is coarsened the same way: p(rest) = 1 - sum_{v in S} p(v),
-computed as logsumexp of the student logits outside S minus logsumexp of all (exact, no 1 - sum).
+computed as the sum of the student's softmax outside S (exact, no 1 - sum).
 The loss is the KL between the two K + 1 bucket distributions:
 
     KL_K = sum_{v in S} q(v) (log q(v) - log p(v)) + q(rest) (log q(rest) - log p(rest))
