@@ -84,6 +84,7 @@ class _SparseKL(torch.autograd.Function):
         kl = (log_t.clamp(min=torch.finfo(log_t.dtype).min) - log_s.clamp(min=torch.finfo(log_s.dtype).min)).mul_(q)
         ratio = torch.where(p_rest > 0, q[:, -1:] / p_rest, torch.ones_like(p_rest))  # q_rest / P_rest
         ctx.save_for_backward(p, topk_ids, p_top - q[:, :-1], ratio)
+        ctx.logits_dtype = logits.dtype
         return kl.sum(-1)
 
     @staticmethod
@@ -91,7 +92,7 @@ class _SparseKL(torch.autograd.Function):
         p, topk_ids, top_grad, ratio = ctx.saved_tensors  # p: the softmax with the top K zeroed
         # in place on the saved softmax: this graph is never run backward twice (no retain_graph)
         grad = p.mul_(1.0 - ratio).scatter_(-1, topk_ids, top_grad).mul_(grad_out[:, None])
-        return grad, None, None
+        return grad.to(ctx.logits_dtype), None, None
 
 
 def sparse_token_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:

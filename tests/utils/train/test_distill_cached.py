@@ -105,3 +105,11 @@ def test_sparse_kl_backward_equals_autograd_of_the_formula(k):
     (want_loss * weights).sum().backward()
     torch.testing.assert_close(sparse_token_kl(logits, top_ids, top_lps), want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, logits.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_sparse_kl_of_bfloat16_logits_returns_a_bfloat16_gradient():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 20, generator=gen).bfloat16().requires_grad_()
+    top_ids, top_lps = topk_targets(torch.log_softmax(torch.randn(3, 20, generator=gen), -1), 5)
+    sparse_token_kl(logits, top_ids, top_lps).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
