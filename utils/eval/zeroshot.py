@@ -22,8 +22,8 @@ examples are grouped shortest first into forwards of at most `batch_tokens` padd
 decoder's last hidden states and the output embedding. Results equal one forward per choice up to
 float rounding (tested against `score_pairs`).
 
-Per example (`score_doc`, batch_tokens=0): the choices of one example share a token prefix (the whole context for most tasks, the text
-before the blank for WinoGrande). `score_doc` runs that prefix once, repeats its KV cache for every
+Per example (`score_doc`, batch_tokens=0): the choices of one example share a token prefix (the
+whole context for most tasks, the text before the blank for WinoGrande). `score_doc` runs that prefix once, repeats its KV cache for every
 choice and scores all the choice remainders in one right-padded batch. Right padding cannot change
 a real token's logits (causal attention) and every fake quantizer is per token, so the scores equal
 one forward per choice up to float rounding (tested). With per-tensor activation quantization the
@@ -115,7 +115,7 @@ def score_doc(model, pairs: Sequence[Pair], pad_id: int = 0) -> list[float]:
     prefix's last logits predict a continuation's first token when the context ends exactly there.
     """
     fulls = [ctx + cont for ctx, cont in pairs]
-    p = min(_common_prefix(fulls), min(len(ctx) for ctx, _ in pairs))
+    p = _shared_prefix(pairs)
     if p == 0:
         return score_pairs(model, pairs, batch_size=len(pairs), pad_id=pad_id)
     device = _device(model)
@@ -213,10 +213,10 @@ def doc_batches(docs_pairs: Sequence[Sequence[Pair]], batch_tokens: int) -> list
     """Examples grouped into forwards of at most `batch_tokens` padded tokens (rows x the longest
     row), shortest first so that rows of one forward have similar lengths; an example longer than
     the budget forms a group of its own. Returns example indices."""
-    order = sorted(range(len(docs_pairs)), key=lambda d: _packed_len(docs_pairs[d]))
+    lengths = [_packed_len(pairs) for pairs in docs_pairs]
     groups, current, width = [], [], 0
-    for d in order:
-        n = _packed_len(docs_pairs[d])
+    for d in sorted(range(len(docs_pairs)), key=lengths.__getitem__):
+        n = lengths[d]
         if current and (len(current) + 1) * max(width, n) > batch_tokens:
             groups.append(current)
             current, width = [], 0
