@@ -14,11 +14,12 @@ from typing import Union
 from safetensors import safe_open
 
 from quant.errors import InputFileError
+from quant.quantizer import is_stored_param
 
 
 def _stored_scale_keys(model) -> list[str]:
     """Weight scales and learned activation / K, V clip ratios (`<module>.<x>_quantizer.clip`)."""
-    return [k for k in model.state_dict() if k.endswith("weight_quantizer.scale") or k.endswith("_quantizer.clip")]
+    return [k for k in model.state_dict() if is_stored_param(k)]
 
 
 def load_stored_scales(model, folder: Union[str, Path]) -> int:

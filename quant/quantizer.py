@@ -19,6 +19,12 @@ from quant.fake_quant import apply_spec, group_view
 from quant.lsq import clipped_fake_quantize, init_scale, lsq_fake_quantize, weight_codes
 
 
+def is_stored_param(name: str) -> bool:
+    """A state-dict / parameter name of a quantizer's own tensor (a weight scale or a learned clip
+    ratio), whatever wrapper prefixes it: what save / load and the scale optimizer group look for."""
+    return name.endswith("weight_quantizer.scale") or name.endswith("_quantizer.clip")
+
+
 def scale_shape(shape: tuple, spec: QuantSpec) -> tuple:
     """Shape of the stored scale of a tensor of `shape` [..., N]: [..., S, 1]."""
     return (*group_view(torch.empty(shape, device="meta"), spec.granularity, spec.group_size).shape[:-1], 1)

@@ -20,6 +20,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
+from quant.quantizer import is_stored_param
 from utils.data.blocks import batch_indices
 from utils.distributed import Runtime, compile_layers, mean_across_ranks, wrap_model
 from utils.logging import progress_disabled
@@ -64,7 +65,7 @@ def _deepspeed_config(cfg, rt: Runtime) -> dict:
 def is_scale_param(name: str) -> bool:
     """A learned weight scale or clip ratio (quant/quantizer.py `FakeQuantizer.scale` / `.clip`),
     whatever wrapper prefixes it."""
-    return name.endswith("weight_quantizer.scale") or name.endswith("_quantizer.clip")
+    return is_stored_param(name)
 
 
 def param_groups(cfg, model) -> list[dict]:
