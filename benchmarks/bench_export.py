@@ -4,7 +4,8 @@
         .venv/bin/python benchmarks/bench_export.py [student=runs/q4_0/student] [windows=8] [seqlen=512]
 
 Students: two round-to-nearest W4 (A16 KV16) students of `model` built here (MinMax per-channel, the
-paper's grid, and GGUF-faithful gguf_q4_0), plus `student=DIR` (e.g. a QAT student) if given.
+paper's grid, and GGUF-faithful gguf_q4_0), plus `student=DIR` (e.g. a QAT student) and
+`students=[DIR,...]` if given (each named by its folder's parent when the folder is called `student`).
 Each is exported with `recipes.export.run` (what export.py calls) to packed (dense tensors float32 and
 bf16), gguf_q4_0 and gguf_q8_0. On WikiText-2 test windows it reports perplexity and next-token
 (argmax) agreement with the fake-quant student: packed is reloaded with `models.convert.load_packed`,
@@ -24,8 +25,9 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List
 
 import gguf
 import numpy as np
@@ -53,6 +55,7 @@ RTN_STUDENTS = {"rtn_w4_minmax": dict(w_bits=4), "rtn_w4_gguf_q4_0": dict(w_bits
 class BenchExportConfig:
     model: str = "smollm2-135m"
     student: str = ""
+    students: List[str] = field(default_factory=list)
     out_dir: str = "runs/bench_export"
     seqlen: int = 512
     windows: int = 8
@@ -115,8 +118,12 @@ def build_students(cfg: BenchExportConfig, out: Path) -> dict[str, str]:
             model, tok = load_model(cfg.model)
             save_model(quantize_model(model, QuantConfig(**quant)), tok, folder)
         students[name] = str(folder)
-    if cfg.student:
-        students[Path(cfg.student).name] = cfg.student
+    for folder in ([cfg.student] if cfg.student else []) + list(cfg.students):
+        path = Path(folder)
+        name = path.parent.name if path.name == "student" else path.name
+        if name in students:
+            raise ValueError(f"two students are named {name!r}: {students[name]} and {folder}")
+        students[name] = folder
     return students
 
 
