@@ -7,7 +7,9 @@ the GGUF-faithful fake quantizer runs): from the latent weight when the student 
 very format (lossless by construction), else from its fake-quantized weight (what the student
 computes with), re-gridded; a student with stored (lsq / mse) gguf block scales writes its own codes
 and fp16 scales. `tq1_0` / `tq2_0` (llama.cpp's ternary types) hold a ternary student exactly (see
-quant/gguf_encode.py, which computes all tensor data). `f16` / `f32` write the effective weights unquantized (the input
+quant/gguf_encode.py, which computes all tensor data); their rows are whole 256-blocks, so a model
+whose widths are not (SmolLM2-135M: hidden 576) is written zero-padded to the next multiple, a wider
+model computing the same function (quant/gguf_pad.py; the original widths under `llmqat.padded_from`). `f16` / `f32` write the effective weights unquantized (the input
 llama.cpp's own quantizer takes). Embeddings and a separate lm_head use `embed_type` (q8_0, f16 or
 f32); norms are F32. q_proj / k_proj rows are permuted to llama.cpp's RoPE layout (HF rotates
 half-split pairs, GGUF interleaved ones), as convert_hf_to_gguf.py's `LlamaModel.permute`; rows
@@ -46,10 +48,12 @@ from quant.gguf_encode import (  # noqa: F401  (encode_blocks, permute_rope: par
     permute_rope,
     rope_heads,
 )
+from quant.gguf_pad import BlockPadding, block_padding
 
 logger = logging.getLogger(__name__)
 
 MARKER_KEY, MARKER = "llmqat.exporter", "llm-qat quant/export_gguf.py"  # how we recognise our own files
+PADDED_KEY = "llmqat.padded_from"  # the original widths of a model zero-padded to whole blocks (quant/gguf_pad.py)
 WEIGHT_TYPES = ("q4_0", "q8_0", "tq1_0", "tq2_0", "f16", "f32")
 EMBED_TYPES = ("q8_0", "f16", "f32")
 
@@ -66,10 +70,6 @@ def check_exportable(model: nn.Module, weight_type: str, embed_type: str) -> Non
     if embed_type not in EMBED_TYPES:
         raise UserError(f"unknown GGUF embedding type {embed_type!r}; use one of {EMBED_TYPES}")
     config = model.config
-    rows = (config.hidden_size, config.intermediate_size)
-    if weight_type in TERNARY_TYPES and any(n % TERNARY_BLOCK for n in rows):
-        raise UserError(f"{weight_type} stores blocks of {TERNARY_BLOCK}: hidden_size and intermediate_size "
-                        f"must be multiples of it (got {rows})")
     if config.model_type != "llama":
         raise UserError(f"GGUF export supports Llama models only, got model_type={config.model_type}")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
@@ -77,12 +77,19 @@ def check_exportable(model: nn.Module, weight_type: str, embed_type: str) -> Non
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"GGUF export of rope_type={rope.get('rope_type')} is not supported")
+    padding_for(config, weight_type)  # raises for a geometry that cannot be padded to whole blocks
+
+
+def padding_for(config, weight_type: str) -> Optional[BlockPadding]:
+    """The zero-padding (quant/gguf_pad.py) a ternary type needs for this model's widths, else None."""
+    return block_padding(config, TERNARY_BLOCK) if weight_type in TERNARY_TYPES else None
 
 
 def gguf_tensors(model: nn.Module, weight_type: str, embed_type: str) -> list[tuple[str, np.ndarray, str]]:
     """[(gguf name, data, kind)] of every tensor to write; tied lm_head is left out (llama.cpp reuses
     token_embd)."""
-    config = model.config
+    padding = padding_for(model.config, weight_type)
+    config = padding.config(model.config) if padding else model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     modules = dict(model.named_modules())
     out, lossy = [], []
@@ -103,6 +110,8 @@ def gguf_tensors(model: nn.Module, weight_type: str, embed_type: str) -> list[tu
             lossy += [] if exact else [key]
         else:
             weight, kind = param.detach(), ("f32" if param.dim() == 1 else embed_type)
+        if padding:
+            weight = padding.tensor(key, weight)
         heads = rope_heads(key, config)
         if heads is not None:
             weight = permute_rope(weight, heads)
@@ -239,8 +248,16 @@ def write_gguf(model: nn.Module, tokenizer, path: Union[str, Path], weight_type:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
-        add_hparams(writer, model.config, weight_type, name)
+        padding = padding_for(model.config, weight_type)
+        add_hparams(writer, padding.config(model.config) if padding else model.config, weight_type, name)
         writer.add_string(MARKER_KEY, MARKER)
+        if padding:
+            logger.info("%s: hidden %d -> %d, intermediate %d -> %d, %d -> %d query heads, zero-padded to whole "
+                        "%d-blocks (the same function: quant/gguf_pad.py)", weight_type, padding.hidden,
+                        padding.hidden_to, padding.inter, padding.inter_to, padding.heads, padding.heads_to,
+                        TERNARY_BLOCK)
+            writer.add_string(PADDED_KEY, json.dumps({"hidden_size": padding.hidden, "intermediate_size":
+                                                      padding.inter, "num_attention_heads": padding.heads}))
         if tokenizer_from:
             copy_tokenizer_metadata(writer, tokenizer_from, model.get_input_embeddings().weight.shape[0])
         else:

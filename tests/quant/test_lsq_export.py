@@ -118,22 +118,29 @@ def test_ternary_student_exports_to_llama_cpp_ternary_types_exactly(tmp_path, ki
         assert np.array_equal(got, expected.numpy()), key
 
 
-def test_ternary_types_need_rows_of_256(tmp_path):
+def test_ternary_types_refuse_widths_that_cannot_be_padded_to_256(tmp_path):
     from quant.errors import UserError
 
-    model = quantize_model(make_tiny_llama(0, vocab_size=TINY_VOCAB), QuantConfig(w_bits=2, w_quantizer="ternary"))
+    # hidden 72 = 9 heads of 8 -> 256 = 32 heads: not a multiple of the 3 KV heads (quant/gguf_pad.py)
+    shape = dict(hidden_size=72, intermediate_size=128, num_attention_heads=9, num_key_value_heads=3)
+    model = quantize_model(make_tiny_llama(0, vocab_size=TINY_VOCAB, **shape),
+                           QuantConfig(w_bits=2, w_quantizer="ternary"))
     with pytest.raises(UserError, match="blocks of 256"):
         write_gguf(model, make_byte_tokenizer(), tmp_path / "t.gguf", "tq2_0", "q8_0")
+    assert not (tmp_path / "t.gguf").exists()
 
 
-def test_llama_cpp_runs_a_ternary_student(tmp_path):
+@pytest.mark.parametrize("shape", [dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                        num_key_value_heads=2),
+                                   dict(hidden_size=192, intermediate_size=320, num_attention_heads=3,
+                                        num_key_value_heads=1)])  # zero-padded to 256 / 512 (quant/gguf_pad.py)
+def test_llama_cpp_runs_a_ternary_student(tmp_path, shape):
     """Optional (pip install llama-cpp-python): llama.cpp loads the TQ2_0 file and its logits follow
     the fake-quant ternary student (llama.cpp quantizes activations to 8 bits in its TQ2_0 matmuls)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from tests.quant.test_gguf_format import _tokenizer_with_a_merge
 
-    model = quantize_model(make_tiny_llama(0, vocab_size=TINY_VOCAB, hidden_size=256, intermediate_size=512,
-                                           num_attention_heads=4, num_key_value_heads=2),
+    model = quantize_model(make_tiny_llama(0, vocab_size=TINY_VOCAB, **shape),
                            QuantConfig(w_bits=2, w_quantizer="ternary"))
     path = write_gguf(model, _tokenizer_with_a_merge(), tmp_path / "t.gguf", "tq2_0", embed_type="f32")
     llm = llama_cpp.Llama(str(path), n_ctx=32, logits_all=True, verbose=False, n_threads=1)
