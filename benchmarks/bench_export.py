@@ -7,7 +7,8 @@ Students: two round-to-nearest W4 (A16 KV16) students of `model` built here (Min
 paper's grid, and GGUF-faithful gguf_q4_0), plus `student=DIR` (e.g. a QAT student) and
 `students=[DIR,...]` if given (each named by its folder's parent when the folder is called `student`).
 Each is exported with `recipes.export.run` (what export.py calls) to packed (dense tensors float32 and
-bf16), gguf_q4_0 and gguf_q8_0. On WikiText-2 test windows it reports perplexity and next-token
+bf16), gguf_q4_0 and gguf_q8_0 (a ternary student: gguf_tq2_0 and gguf_tq1_0, zero-padded to whole
+256-blocks where its widths are not, quant/gguf_pad.py). On WikiText-2 test windows it reports perplexity and next-token
 (argmax) agreement with the fake-quant student: packed is reloaded with `models.convert.load_packed`,
 GGUF runs in llama.cpp (llama-cpp-python, if installed; it quantizes activations to 8 bits inside
 its matmuls). The llama.cpp baseline is the full-precision model written as an F32 GGUF and
@@ -36,7 +37,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models import load_model, quantize_model, save_model  # noqa: E402
+from models import load_model, quantize_model, read_quant_config, save_model  # noqa: E402
 from models.convert import load_packed  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from quant.export_gguf import write_gguf  # noqa: E402
@@ -201,7 +202,10 @@ def student_rows(cfg, out: Path, name: str, folder: str, windows, tokenizer_from
     ref = hf_scores(student, windows)
     rows = [{"artifact": f"{name} fake-quant (HF folder)", "MB": mb(Path(folder) / "model.safetensors"),
              "load_s": round(load_s, 2), **summarize(ref, ref, windows[:, 1:].numel())}]
-    for fmt, extra in (("packed", {}), ("packed", {"dense_dtype": "bfloat16"}), ("gguf_q4_0", {}), ("gguf_q8_0", {})):
+    qcfg = read_quant_config(folder)
+    ternary = qcfg is not None and qcfg.w_quantizer == "ternary"
+    ggufs = ("gguf_tq2_0", "gguf_tq1_0") if ternary else ("gguf_q4_0", "gguf_q8_0")
+    for fmt, extra in (("packed", {}), ("packed", {"dense_dtype": "bfloat16"}), *((f, {}) for f in ggufs)):
         label = f"{fmt}-bf16" if extra else fmt
         path = out / name / (label if fmt == "packed" else f"{name}.{fmt[5:].upper()}.gguf")
         try:
