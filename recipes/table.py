@@ -58,7 +58,8 @@ class TableConfig:
     settings: W-A-KV triples for the PTQ methods; methods: fp, rtn, smoothquant, gptq.
     qat: trained student folders (one QAT row each, at their saved setting).
     prefer_acc_norm: acc_norm where a task defines it, else acc.
-    cache_dir: students and per-row results; output: the markdown table (JSON rows beside it).
+    cache_dir: students and per-row results; output: the markdown table (beside it: its rows as JSON and
+        <output>.sources.json, what it was made from: scripts/sync_results.py rebuilds the table from it).
     only_cached: leave out (with a log line) every row not yet in the cache instead of computing it.
     quant: base grid of the settings (granularity, kv_position, ...); bits come from `settings`.
     eval, ptq: evaluate.py's and quantize_ptq.py's schemas; `WIRED` fields are set per row.
@@ -197,6 +198,7 @@ def _qat_rows(cfg: TableConfig, students: list, setting: Optional[str]) -> list:
             if payload is not None:
                 label = row_label("qat", qcfg, name=name)
                 rows.append(table_row(label, tag, payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))
+                rows[-1]["_source"] = f"qat-{name}-{qcfg.tag()}.json"
     return rows
 
 
@@ -216,6 +218,7 @@ def _ptq_rows(cfg: TableConfig, setting: str) -> list:
             pcfg = None if method == "rtn" else ptq_config(cfg, method, qcfg)
             label = row_label(method, qcfg, pcfg, meta=None if pcfg is None else ptq.read_ptq_meta(model))
             rows.append(table_row(label, setting, payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))
+            rows[-1]["_source"] = f"{row}.json"
     return rows
 
 
@@ -233,11 +236,12 @@ def run(cfg: TableConfig) -> list:
         payload = row_results(cfg, "fp", cfg.model, QuantConfig())
         if payload is not None:
             rows.append(table_row("FP", "16-16-16", payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))
+            rows[-1]["_source"] = "fp.json"
     for setting in cfg.settings:
         rows += _ptq_rows(cfg, setting) + _qat_rows(cfg, students, setting)
     rows += _qat_rows(cfg, students, None)
     add_recovered(rows)
-    print(write_table(rows, cfg.eval.tasks, cfg.output, notes(cfg)))
+    print(write_table(rows, cfg.eval.tasks, cfg.output, notes(cfg), prefer_acc_norm=cfg.prefer_acc_norm))
     return rows
 
 

@@ -1,7 +1,12 @@
-"""Copy committed result tables into the documents that quote them, or check that they agree.
+"""Rebuild committed result tables from their result files, copy them into the documents that quote them,
+or check that all of it agrees.
 
-    python scripts/sync_results.py            # rewrite every quoted block from its file
-    python scripts/sync_results.py --check    # exit 1 naming each block that differs (tests/test_results_docs.py)
+    python scripts/sync_results.py            # rebuild tables, rewrite every quoted block from its file
+    python scripts/sync_results.py --check    # exit 1 naming each table / block that differs (tests/test_results_docs.py)
+
+A table `results/DIR/X.md` with a `X.sources.json` beside it (written by run_table.sh: tasks, notes and
+each row's results file) is recomputed from the per-row result JSONs in DIR (`row-<file>` as the
+collected copies are named, or `<file>`) by utils/eval/report.py's `rebuild_table`, intervals included.
 
 A document quotes a result file between two markers, the file's path (under results/) in the first:
 
@@ -11,16 +16,20 @@ A document quotes a result file between two markers, the file's path (under resu
 
 The tables themselves are written by `run_table.sh` (utils/eval/report.py, the one table writer) from
 the per-row result JSONs beside them, which hold every example's outcome and the provenance of the
-model, data and code that made them; this script only carries them into README.md / docs/*.md.
+model, data and code that made them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from utils.eval.report import rebuild_table  # noqa: E402
 DOCS = ("README.md", "docs/RESULTS.md")
 BLOCK = re.compile(r"(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
@@ -41,8 +50,37 @@ def synced(text: str) -> str:
     return BLOCK.sub(lambda m: m.group(1) + source_text(m["path"]) + m.group(4), text)
 
 
+def _row_file(folder: Path, name: str) -> Path:
+    for path in (folder / f"row-{name}", folder / name):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{folder}: no results file row-{name} or {name} (named in its sources record)")
+
+
+def rebuilt(sources: Path) -> tuple[Path, str]:
+    """(table path, its text recomputed from the results files) of a `<table>.sources.json` record."""
+    folder = sources.parent
+    record = json.loads(sources.read_text())
+    text = rebuild_table(record, lambda name: json.loads(_row_file(folder, name).read_text()))
+    return sources.with_name(sources.name[: -len(".sources.json")] + ".md"), text
+
+
+def rebuild_tables(check: bool, root: Path = ROOT) -> list[str]:
+    """Recompute every committed table that has a sources record; rewrite it (unless `check`); the
+    tables whose text differed."""
+    stale = []
+    for sources in sorted((root / "results").glob("*/*.sources.json")):
+        table, text = rebuilt(sources)
+        if not table.is_file() or table.read_text() != text:
+            stale.append(str(table.relative_to(root)))
+            if not check:
+                table.write_text(text)
+    return stale
+
+
 def main(argv) -> int:
-    check, stale = "--check" in argv, []
+    check = "--check" in argv
+    stale = [f"{t} (from its results files)" for t in rebuild_tables(check)]
     for doc in DOCS:
         path = ROOT / doc
         text = path.read_text()

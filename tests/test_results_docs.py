@@ -1,13 +1,17 @@
-"""Every result table quoted in README.md / docs/RESULTS.md equals its committed file under results/
-(scripts/sync_results.py writes the quotes; this fails when a document and its results disagree).
+"""Every result table quoted in README.md / docs/RESULTS.md equals its committed file under results/, and
+every committed table with a sources record equals what its per-row result files give
+(scripts/sync_results.py rebuilds and quotes; this fails when a document and its results disagree).
 
     PYTHONPATH=. .venv/bin/python -m pytest -q tests/test_results_docs.py
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
+
+from utils.eval.report import add_recovered, table_row, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("sync_results", ROOT / "scripts" / "sync_results.py")
@@ -33,3 +37,53 @@ def test_a_stale_quote_is_detected_and_rewritten():
     (quote,) = sync.quoted_blocks(stale)
     assert quote == (path, "old numbers\n") and quote[1] != sync.source_text(path)
     assert sync.quoted_blocks(sync.synced(stale)) == [(path, sync.source_text(path))]
+
+
+# ---- tables rebuilt from their result files ------------------------------------------------------
+
+SOURCES = sorted((ROOT / "results").glob("*/*.sources.json"))
+
+
+@pytest.mark.parametrize("sources", SOURCES, ids=[str(p.relative_to(ROOT)) for p in SOURCES])
+def test_committed_tables_equal_what_their_result_files_give(sources):
+    table, text = sync.rebuilt(sources)
+    assert table.read_text() == text, f"{table} disagrees with its result files: python scripts/sync_results.py"
+
+
+def _results_dir(tmp_path):
+    """A results folder like the committed ones: three rows' result JSONs and the table written from them."""
+    src, folder = ROOT / "results" / "2026-12-03-learned-and-cached", tmp_path / "results" / "day"
+    folder.mkdir(parents=True)
+    tasks, rows = ["wikitext2", "c4"], []
+    for method, setting, name in (("FP", "16-16-16", "fp.json"), ("RTN", "4-8-8", "rtn-W4A8KV8.json"),
+                                  ("QAT (w4a8kv8)", "4-8-8", "qat-w4a8kv8-W4A8KV8.json")):
+        (folder / f"row-{name}").write_text((src / f"row-{name}").read_text())
+        rows.append(table_row(method, setting, json.loads((src / f"row-{name}").read_text())["results"], tasks))
+        rows[-1]["_source"] = name
+    add_recovered(rows)
+    write_table(rows, tasks, folder / "table.md", ["a note"])
+    return folder
+
+
+def test_a_table_is_rebuilt_from_its_sources_and_a_changed_result_is_caught(tmp_path):
+    folder = _results_dir(tmp_path)
+    record = json.loads((folder / "table.sources.json").read_text())
+    assert [r["source"] for r in record["rows"]] == ["fp.json", "rtn-W4A8KV8.json", "qat-w4a8kv8-W4A8KV8.json"]
+    assert record["notes"] == ["a note"] and record["tasks"] == ["wikitext2", "c4"]
+    assert sync.rebuild_tables(check=True, root=tmp_path) == []
+    row = folder / "row-qat-w4a8kv8-W4A8KV8.json"
+    data = json.loads(row.read_text())
+    data["results"]["wikitext2"]["ppl"] += 1.0  # a number edited by hand
+    row.write_text(json.dumps(data))
+    before = (folder / "table.md").read_text()
+    assert sync.rebuild_tables(check=True, root=tmp_path) == ["results/day/table.md"]
+    assert (folder / "table.md").read_text() == before  # --check changes nothing
+    assert sync.rebuild_tables(check=False, root=tmp_path) == ["results/day/table.md"]
+    assert sync.rebuild_tables(check=True, root=tmp_path) == []
+
+
+def test_a_missing_row_file_is_an_error_naming_it(tmp_path):
+    folder = _results_dir(tmp_path)
+    (folder / "row-rtn-W4A8KV8.json").unlink()
+    with pytest.raises(FileNotFoundError, match="rtn-W4A8KV8.json"):
+        sync.rebuild_tables(check=True, root=tmp_path)

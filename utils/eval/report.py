@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -284,11 +284,32 @@ def public(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
-def write_table(rows: list, tasks: Sequence[str], path, notes: Sequence[str] = (), rows_json: bool = True) -> str:
+def sources_path(path) -> Path:
+    """Where `write_table` records what a table at `path` was made from (table.md -> table.sources.json)."""
+    return Path(path).with_suffix(".sources.json")
+
+
+def write_table(rows: list, tasks: Sequence[str], path, notes: Sequence[str] = (), rows_json: bool = True,
+                prefer_acc_norm: bool = True) -> str:
     """Write the markdown table to `path` and, if `rows_json`, the rows (without per-example data) to
-    `path` with suffix .json."""
+    `path` with suffix .json. Rows that name their results file (`_source`, a file name) are listed,
+    with the tasks and notes, in `sources_path(path)`: `rebuild_table` makes the same text from it."""
     text = markdown(rows, tasks, notes)
     atomic_write_text(Path(path), text)
     if rows_json:
         write_json(Path(path).with_suffix(".json"), [public(r) for r in rows])
+    if rows and all("_source" in r for r in rows):
+        write_json(sources_path(path), {
+            "tasks": list(tasks), "prefer_acc_norm": prefer_acc_norm, "notes": list(notes),
+            "rows": [{"method": r["method"], "setting": r["setting"], "source": r["_source"]} for r in rows]})
     return text
+
+
+def rebuild_table(sources: dict, load_results: Callable[[str], dict]) -> str:
+    """The markdown table `write_table` wrote, recomputed from its sources record (`sources_path`) and the
+    results files it names (`load_results(file name)` -> the evaluation's JSON, with `results`)."""
+    tasks = sources["tasks"]
+    rows = [table_row(r["method"], r["setting"], load_results(r["source"])["results"], tasks,
+                      sources["prefer_acc_norm"]) for r in sources["rows"]]
+    add_recovered(rows)
+    return markdown(rows, tasks, sources["notes"])
