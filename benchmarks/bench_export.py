@@ -13,7 +13,9 @@ bf16), gguf_q4_0 and gguf_q8_0 (a ternary student: gguf_tq2_0 and gguf_tq1_0, ze
 GGUF runs in llama.cpp (llama-cpp-python, if installed; it quantizes activations to 8 bits inside
 its matmuls). The llama.cpp baseline is the full-precision model written as an F32 GGUF and
 quantized to Q4_0 by llama.cpp's own `llama_model_quantize` (embeddings forced to Q8_0, as ours), and
-the decoder tensors of that file are compared byte for byte with our gguf_q4_0 export.
+the decoder tensors of that file are compared byte for byte with our gguf_q4_0 export. Every GGUF's
+decoder linears are also read back (gguf.GGUFReader), dequantized and compared with the student's
+fake-quant weights ("k/N" exact: N/N for a student trained on that grid, ternary ones padded included).
 load_mem_mb: packed = bytes of the rebuilt (dense) model's tensors; llama.cpp = process RSS added by
 loading (the file is mmap'ed). Results: printed as a Markdown table and written to `out_dir/results.json`.
 """
@@ -40,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import load_model, quantize_model, read_quant_config, save_model  # noqa: E402
 from models.convert import load_packed  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
-from quant.export_gguf import write_gguf  # noqa: E402
+from quant.export_gguf import padding_for, permute_rope, write_gguf  # noqa: E402
+from quant.gguf_encode import rope_heads  # noqa: E402
 from recipes.export import ExportConfig, artifact_bytes, tokenizer_source  # noqa: E402
 from recipes.export import run as export  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -153,6 +156,33 @@ def same_decoder_tensors(ours: Path, theirs: Path) -> str:
     return f"{same}/{len(a)}"
 
 
+def dequantizes_to_student(path: Path, student, weight_type: str) -> str:
+    """"k/N": how many of the student's quantized decoder linears, read back from the GGUF at `path` and
+    dequantized by the gguf package, equal its fake-quant weights exactly (in GGUF's row order, padded
+    to whole blocks as the export pads them)."""
+    padding = padding_for(student.config, weight_type)
+    config = padding.config(student.config) if padding else student.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    same = total = 0
+    with torch.no_grad():
+        for key, module in student.named_modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            if quantizer is None or not quantizer.spec.enabled or not key.startswith("model.layers."):
+                continue
+            expected = quantizer(module.weight).float()
+            if padding:
+                expected = padding.tensor(key + ".weight", expected)
+            heads = rope_heads(key + ".weight", config)
+            if heads is not None:
+                expected = permute_rope(expected, heads)
+            t = tensors[names.get_name(key + ".weight", try_suffixes=(".weight",))]
+            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(expected.shape)
+            same += int(np.array_equal(got, expected.numpy()))
+            total += 1
+    return f"{same}/{total}"
+
+
 def mb(path: Path) -> float:
     return round(artifact_bytes(path) / 1e6, 1)
 
@@ -185,12 +215,16 @@ def artifact_row(cfg, fmt: str, path: Path, student, ref, windows, llama_q4) -> 
         with torch.no_grad():
             diff = max((model(w[None]).logits - student(w[None]).logits).abs().max().item() for w in windows[:2])
         row.update(summarize(hf_scores(model, windows), ref, tokens), max_abs_logit_diff=diff)
-    elif llama_q4 is not None:
-        scores, load_s, load_mb = llama_cpp_scores(path, windows, cfg.threads)
-        row.update(load_s=round(load_s, 2), load_mem_mb=round(load_mb), **summarize(scores, ref, tokens))
-        if fmt == "gguf_q4_0":
-            row["note"] = (f"decoder tensors byte-identical to llama.cpp's Q4_0 of the teacher: "
-                           f"{same_decoder_tensors(path, llama_q4)}")
+    else:
+        notes = [f"decoder linears dequantize to the fake-quant weights: "
+                 f"{dequantizes_to_student(path, student, fmt.removeprefix('gguf_'))}"]
+        if llama_q4 is not None:
+            scores, load_s, load_mb = llama_cpp_scores(path, windows, cfg.threads)
+            row.update(load_s=round(load_s, 2), load_mem_mb=round(load_mb), **summarize(scores, ref, tokens))
+            if fmt == "gguf_q4_0":
+                notes.append(f"decoder tensors byte-identical to llama.cpp's Q4_0 of the teacher: "
+                             f"{same_decoder_tensors(path, llama_q4)}")
+        row["note"] = "; ".join(notes)
     return row
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -115,6 +116,11 @@ def test_bench_export_runs_on_a_tiny_model(tmp_path, data_dir):
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     rows = {row["artifact"]: row for row in results["rows"]}
     assert rows["rtn_w4_gguf_q4_0 packed"]["max_abs_logit_diff"] == 0.0
+    # a student trained on the Q4_0 grid is written exactly; the MinMax one is re-gridded
+    exact = re.search(r"fake-quant weights: (\d+)/(\d+)", rows["rtn_w4_gguf_q4_0 gguf_q4_0"]["note"])
+    assert exact and exact[1] == exact[2] and int(exact[2]) > 0
+    regridded = re.search(r"fake-quant weights: (\d+)/(\d+)", rows["rtn_w4_minmax gguf_q4_0"]["note"])
+    assert regridded and int(regridded[1]) < int(regridded[2])
 
 
 # compressed-tensors (vLLM): the round trip through transformers' own loader
