@@ -57,6 +57,7 @@ from utils.distributed import (
     env_world_size,
     process_ranks,
     setup_runtime,
+    shutdown_runtime,
 )
 from utils.io import atomic_write_text, write_json
 from utils.provenance import config_hash, data_fingerprint, provenance
@@ -312,5 +313,6 @@ def run(cfg: TrainConfig) -> dict:
         atomic_write_text(out / "train_config.yaml", to_yaml(cfg))
         write_json(out / "train_metrics.json", metrics)
         logger.info("done: %s", {k: v for k, v in metrics.items() if k not in ("resumed_from", "provenance")})
+    shutdown_runtime(rt)
     return metrics
 

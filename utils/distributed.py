@@ -171,6 +171,15 @@ def setup_runtime(backend: str, seed: int, device: str = "auto") -> Runtime:
     return Runtime(rank, world, local_rank, dev, backend)
 
 
+def shutdown_runtime(rt: Runtime) -> None:
+    """End a finished run's process group on every rank together (barrier, then destroy). Left to
+    interpreter exit, gloo's threads can be torn down while a peer still talks to them, and a rank
+    that already finished its work dies with SIGABRT ("terminate called without an active exception")."""
+    if rt.backend != "none" and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier(rt: Runtime) -> None:
     if rt.world_size > 1:
         dist.barrier()
