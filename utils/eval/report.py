@@ -18,6 +18,9 @@ bootstraps over the same examples / windows (utils/eval/stats.py), from the per-
 and per-window NLLs of the results JSONs; a row whose results lack them (cached by older code) or
 whose examples differ (another n) gets no interval rather than a wrong one. The markdown prints
 "recovered %" only with its interval, marked "n.s." where the interval spans 0.
+
+Long file: `write_table` and `rebuild_table` (a committed table recomputed from its sources record,
+scripts/sync_results.py) must make the same text from the same rows, so both stay beside `markdown`.
 """
 
 from __future__ import annotations
