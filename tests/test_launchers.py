@@ -224,3 +224,21 @@ def test_setup_runtime_exports_slurm_ranks_under_torchruns_names(monkeypatch):
     distributed._export_slurm_ranks(process_ranks())
     assert [env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")] == ["1", "2", "1", "29500"]
     assert process_ranks(env) == Ranks(1, 2, 1, "torchrun")
+
+
+def test_a_finished_run_ends_its_process_group(monkeypatch):
+    """shutdown_runtime (the end of recipes.train.run) destroys the group it started; backend none is a no-op.
+    Left to interpreter exit, a DeepSpeed CPU rank could die with SIGABRT while gloo was torn down."""
+    import torch.distributed as dist
+
+    from utils.distributed import setup_runtime, shutdown_runtime
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)  # also undoes what setup_runtime sets for its one-process group
+    rt = setup_runtime("ddp", seed=0)
+    assert dist.is_initialized() and rt.world_size == 1
+    shutdown_runtime(rt)
+    assert not dist.is_initialized()
+    shutdown_runtime(setup_runtime("none", seed=0))  # nothing started, nothing to end
+    assert not dist.is_initialized()
