@@ -42,8 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import load_model, quantize_model, read_quant_config, save_model  # noqa: E402
 from models.convert import load_packed  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
-from quant.export_gguf import padding_for, permute_rope, write_gguf  # noqa: E402
-from quant.gguf_encode import rope_heads  # noqa: E402
+from quant.export_gguf import gguf_layout, padding_for, write_gguf  # noqa: E402
 from recipes.export import ExportConfig, artifact_bytes, tokenizer_source  # noqa: E402
 from recipes.export import run as export  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -170,12 +169,7 @@ def dequantizes_to_student(path: Path, student, weight_type: str) -> str:
             quantizer = getattr(module, "weight_quantizer", None)
             if quantizer is None or not quantizer.spec.enabled or not key.startswith("model.layers."):
                 continue
-            expected = quantizer(module.weight).float()
-            if padding:
-                expected = padding.tensor(key + ".weight", expected)
-            heads = rope_heads(key + ".weight", config)
-            if heads is not None:
-                expected = permute_rope(expected, heads)
+            expected = gguf_layout(key + ".weight", quantizer(module.weight).float(), config, padding)
             t = tensors[names.get_name(key + ".weight", try_suffixes=(".weight",))]
             got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(expected.shape)
             same += int(np.array_equal(got, expected.numpy()))

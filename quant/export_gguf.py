@@ -33,6 +33,7 @@ from typing import Optional, Union
 
 import gguf
 import numpy as np
+import torch
 from torch import nn
 
 from quant.errors import UserError
@@ -85,6 +86,15 @@ def padding_for(config, weight_type: str) -> Optional[BlockPadding]:
     return block_padding(config, TERNARY_BLOCK) if weight_type in TERNARY_TYPES else None
 
 
+def gguf_layout(key: str, weight: torch.Tensor, config, padding: Optional[BlockPadding]) -> torch.Tensor:
+    """State-dict tensor `key` as the GGUF stores it: zero-padded to whole blocks (`padding`, with
+    `config` the padded one) and, for q_proj / k_proj, in llama.cpp's rotary row order."""
+    if padding:
+        weight = padding.tensor(key, weight)
+    heads = rope_heads(key, config)
+    return weight if heads is None else permute_rope(weight, heads)
+
+
 def gguf_tensors(model: nn.Module, weight_type: str, embed_type: str) -> list[tuple[str, np.ndarray, str]]:
     """[(gguf name, data, kind)] of every tensor to write; tied lm_head is left out (llama.cpp reuses
     token_embd)."""
@@ -110,12 +120,7 @@ def gguf_tensors(model: nn.Module, weight_type: str, embed_type: str) -> list[tu
             lossy += [] if exact else [key]
         else:
             weight, kind = param.detach(), ("f32" if param.dim() == 1 else embed_type)
-        if padding:
-            weight = padding.tensor(key, weight)
-        heads = rope_heads(key, config)
-        if heads is not None:
-            weight = permute_rope(weight, heads)
-        out.append((name, encode_tensor(weight, kind), kind))
+        out.append((name, encode_tensor(gguf_layout(key, weight, config, padding), kind), kind))
     if lossy and weight_type not in ("f16", "f32"):
         logger.warning("%d linears are re-gridded to %s (the student was not trained in gguf_%s): the GGUF is "
                        "close to, not equal to, the fake-quant student", len(lossy), weight_type, weight_type)

@@ -111,10 +111,21 @@ def setting_of(qcfg: QuantConfig) -> str:
     return f"{qcfg.w_bits}-{qcfg.a_bits}-{qcfg.kv_bits}"
 
 
+def row_file(row: str) -> str:
+    """The results file of row `row` (under cache_dir/results/)."""
+    return f"{row}.json"
+
+
+def results_row(cfg: TableConfig, label: str, setting: str, row: str, payload: dict) -> dict:
+    """The table row of row `row`'s results, naming its results file (`_source`, for the sources record)."""
+    return {**table_row(label, setting, payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm),
+            "_source": row_file(row)}
+
+
 def row_results(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -> Optional[dict]:
     """One row's results JSON (evaluate.py, reusing what is cached under the same key); None when it
     is not all cached and `cfg.only_cached`."""
-    ecfg = replace(cfg.eval, model=model, quant=quant, output=str(Path(cfg.cache_dir) / "results" / f"{row}.json"))
+    ecfg = replace(cfg.eval, model=model, quant=quant, output=str(Path(cfg.cache_dir) / "results" / row_file(row)))
     payload = evaluate.cached_payload(ecfg)
     if payload is None and cfg.only_cached:
         logger.info("%s: not cached for %s, left out (only_cached)", row, ecfg.tasks)
@@ -194,11 +205,10 @@ def _qat_rows(cfg: TableConfig, students: list, setting: Optional[str]) -> list:
         tag = setting_of(qcfg)
         if tag == setting or (setting is None and tag not in cfg.settings):
             name = _student_name(folder)
-            payload = row_results(cfg, f"qat-{name}-{qcfg.tag()}", folder, qcfg)
+            row = f"qat-{name}-{qcfg.tag()}"
+            payload = row_results(cfg, row, folder, qcfg)
             if payload is not None:
-                label = row_label("qat", qcfg, name=name)
-                rows.append(table_row(label, tag, payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))
-                rows[-1]["_source"] = f"qat-{name}-{qcfg.tag()}.json"
+                rows.append(results_row(cfg, row_label("qat", qcfg, name=name), tag, row, payload))
     return rows
 
 
@@ -217,8 +227,7 @@ def _ptq_rows(cfg: TableConfig, setting: str) -> list:
         if payload is not None:
             pcfg = None if method == "rtn" else ptq_config(cfg, method, qcfg)
             label = row_label(method, qcfg, pcfg, meta=None if pcfg is None else ptq.read_ptq_meta(model))
-            rows.append(table_row(label, setting, payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))
-            rows[-1]["_source"] = f"{row}.json"
+            rows.append(results_row(cfg, label, setting, row, payload))
     return rows
 
 
@@ -235,8 +244,7 @@ def run(cfg: TableConfig) -> list:
     if "fp" in cfg.methods:
         payload = row_results(cfg, "fp", cfg.model, QuantConfig())
         if payload is not None:
-            rows.append(table_row("FP", "16-16-16", payload["results"], cfg.eval.tasks, cfg.prefer_acc_norm))
-            rows[-1]["_source"] = "fp.json"
+            rows.append(results_row(cfg, "FP", "16-16-16", "fp", payload))
     for setting in cfg.settings:
         rows += _ptq_rows(cfg, setting) + _qat_rows(cfg, students, setting)
     rows += _qat_rows(cfg, students, None)
