@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -40,7 +40,7 @@ from utils.eval.cache import cached_results, read_payload
 from utils.eval.datasets import c4_texts, resolve_data_dir, wikitext2_text
 from utils.eval.perplexity import c4_windows, perplexity, perplexity_of_windows
 from utils.eval.report import table_row, write_table
-from utils.eval.tasks import ALL_TASKS, TASKS, load_task
+from utils.eval.tasks import ALL_TASKS, PPL_TASKS, TASKS, WIKITEXT2_SPLITS, load_task
 from utils.eval.zeroshot import evaluate_docs
 from utils.io import write_json
 from utils.logging import print0
@@ -57,9 +57,12 @@ _TABLE_HEADER = "| Method | W-A-KV |"  # first row of utils/eval/report.py's mar
 class EvalConfig:
     """Args:
     model: alias, HF folder, .gguf file or saved student folder.
-    tasks: any of wikitext2, c4 (perplexity) and the eight zero-shot tasks.
+    tasks: any of wikitext2, c4, wikitext2_val (perplexity; wikitext2_val is the validation split, for
+        choosing recipes, never for reporting) and the eight zero-shot tasks.
     limit: first N examples of each zero-shot task / first N windows of each perplexity task.
     ppl_limit: if set, the first N windows of each perplexity task instead of `limit`.
+    task_limits: task -> its own limit (examples or windows; null: all), over `limit` / `ppl_limit`,
+        e.g. {hellaswag: 1000} with limit=null: every example of the other tasks, 1000 of HellaSwag.
     seqlen: perplexity window length (tokens).
     c4_windows, seed: GPTQ-style C4 sampling (number of random windows, random seed).
     ppl_batch_size: windows per forward for perplexity.
@@ -80,6 +83,7 @@ class EvalConfig:
     tasks: List[str] = field(default_factory=lambda: list(ALL_TASKS))
     limit: Optional[int] = None
     ppl_limit: Optional[int] = None
+    task_limits: Dict[str, Optional[int]] = field(default_factory=dict)
     seqlen: int = 2048
     c4_windows: int = 256
     seed: int = 0
@@ -104,6 +108,11 @@ class EvalConfig:
             raise UserError("tasks is empty: name at least one task")
         if self.limit is not None and self.limit <= 0:
             raise UserError(f"limit must be positive, got {self.limit}")
+        for task, n in self.task_limits.items():
+            if task not in ALL_TASKS:
+                raise UserError(f"task_limits: unknown task {task!r}; choose from {', '.join(ALL_TASKS)}")
+            if n is not None and n <= 0:
+                raise UserError(f"task_limits.{task} must be positive or null, got {n}")
         if self.batch_tokens < 0:
             raise UserError(f"batch_tokens must be >= 0 (0: one example per forward), got {self.batch_tokens}")
         if self.seqlen < 2:
@@ -142,16 +151,24 @@ def load_eval_model(cfg: EvalConfig):
     return model.eval(), tok
 
 
+def task_limit(cfg: EvalConfig, task: str) -> Optional[int]:
+    """How many examples (zero-shot) or windows (perplexity) of `task` are evaluated; None: all."""
+    if task in cfg.task_limits:
+        return cfg.task_limits[task]
+    return cfg.ppl_limit if task in PPL_TASKS and cfg.ppl_limit is not None else cfg.limit
+
+
 def evaluate_task(model, tok, task: str, cfg: EvalConfig) -> dict:
     """Metrics of one task, plus n, seconds and examples_per_s."""
-    start, ppl_limit = time.time(), cfg.ppl_limit if cfg.ppl_limit is not None else cfg.limit
-    if task == "wikitext2":
-        res = perplexity(model, tok, wikitext2_text("test", cfg.data_dir), cfg.seqlen, ppl_limit, cfg.ppl_batch_size)
+    start, limit = time.time(), task_limit(cfg, task)
+    if task in WIKITEXT2_SPLITS:
+        res = perplexity(model, tok, wikitext2_text(WIKITEXT2_SPLITS[task], cfg.data_dir), cfg.seqlen, limit,
+                         cfg.ppl_batch_size)
     elif task == "c4":
-        windows = c4_windows(tok, c4_texts(cfg.data_dir), cfg.seqlen, cfg.c4_windows, cfg.seed, ppl_limit)
+        windows = c4_windows(tok, c4_texts(cfg.data_dir), cfg.seqlen, cfg.c4_windows, cfg.seed, limit)
         res = perplexity_of_windows(model, windows, cfg.ppl_batch_size)
     else:
-        docs = load_task(task, cfg.data_dir, cfg.limit)
+        docs = load_task(task, cfg.data_dir, limit)
         res = evaluate_docs(model, tok, docs, TASKS[task].acc_norm, cfg.prefix_reuse, desc=task,
                             batch_tokens=cfg.batch_tokens)
     seconds = time.time() - start
@@ -176,6 +193,8 @@ def cache_key(cfg: EvalConfig) -> str:
     """The key results are cached under: every setting that changes a number, and the model's
     content fingerprint (not its path); see utils/eval/cache.py."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_KEY}
+    if not settings["task_limits"]:
+        del settings["task_limits"]  # the key of every result saved before the field existed
     settings["data_dir"] = str(resolve_data_dir(cfg.data_dir))
     return config_hash({"eval": settings, "model": model_fingerprint(cfg.model)})
 

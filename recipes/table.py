@@ -6,8 +6,8 @@
 Sections: `eval` is evaluate.py's schema (tasks, limit, seqlen, data_dir, ...) and `ptq` is
 quantize_ptq.py's (calibration, SmoothQuant alpha, GPTQ options); the table sets their model,
 output and quant per row. Each row is an evaluate.py run whose results JSON lives in
-`cache_dir/results/<row>.json` and is reused task by task under the same key (the evaluation
-settings and the model's content fingerprint: utils/eval/cache.py). PTQ students are built once
+`cache_dir/results/<row>.json` (or `results_dir/<row>.json`), reused task by task under the same key
+(the evaluation settings and the model's content fingerprint: utils/eval/cache.py). PTQ students are built once
 per PTQ config under `cache_dir/students/<method>-<tag>-<hash of the PTQ config>`. QAT rows come
 from given student folders, at their saved setting. Accuracy per task: acc_norm where the harness
 defines it (`prefer_acc_norm`), else acc. "recovered %" of a QAT / SmoothQuant / GPTQ row =
@@ -60,6 +60,8 @@ class TableConfig:
     prefer_acc_norm: acc_norm where a task defines it, else acc.
     cache_dir: students and per-row results; output: the markdown table (beside it: its rows as JSON and
         <output>.sources.json, what it was made from: scripts/sync_results.py rebuilds the table from it).
+    results_dir: where the per-row results JSONs live (null: cache_dir/results); point it into a committed
+        results/ folder to keep the rows (and their reuse by key) beside the documents that quote them.
     only_cached: leave out (with a log line) every row not yet in the cache instead of computing it.
     quant: base grid of the settings (granularity, kv_position, ...); bits come from `settings`.
     eval, ptq: evaluate.py's and quantize_ptq.py's schemas; `WIRED` fields are set per row.
@@ -74,6 +76,7 @@ class TableConfig:
     prefer_acc_norm: bool = True
     cache_dir: str = "runs/table"
     output: str = "runs/table/table.md"
+    results_dir: Optional[str] = None
     only_cached: bool = False
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -111,8 +114,13 @@ def setting_of(qcfg: QuantConfig) -> str:
     return f"{qcfg.w_bits}-{qcfg.a_bits}-{qcfg.kv_bits}"
 
 
+def rows_dir(cfg: TableConfig) -> Path:
+    """The folder of the per-row results JSONs."""
+    return Path(cfg.results_dir) if cfg.results_dir else Path(cfg.cache_dir) / "results"
+
+
 def row_file(row: str) -> str:
-    """The results file of row `row` (under cache_dir/results/)."""
+    """The results file of row `row` (under `rows_dir`)."""
     return f"{row}.json"
 
 
@@ -125,7 +133,7 @@ def results_row(cfg: TableConfig, label: str, setting: str, row: str, payload: d
 def row_results(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -> Optional[dict]:
     """One row's results JSON (evaluate.py, reusing what is cached under the same key); None when it
     is not all cached and `cfg.only_cached`."""
-    ecfg = replace(cfg.eval, model=model, quant=quant, output=str(Path(cfg.cache_dir) / "results" / row_file(row)))
+    ecfg = replace(cfg.eval, model=model, quant=quant, output=str(rows_dir(cfg) / row_file(row)))
     payload = evaluate.cached_payload(ecfg)
     if payload is None and cfg.only_cached:
         logger.info("%s: not cached for %s, left out (only_cached)", row, ecfg.tasks)

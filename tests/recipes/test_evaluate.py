@@ -220,3 +220,28 @@ def test_results_get_the_users_umask(tiny_model_dir, data_dir, tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "r.md").stat().st_mode) == 0o644
+
+
+def test_task_limits_override_limit_per_task_and_validation_split_is_its_own_task(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "res.json"
+    got = run_cli([f"model={tiny_model_dir}", "tasks=[wikitext2,wikitext2_val,piqa,arc_easy]", "limit=2",
+                   "seqlen=64", "task_limits={piqa: 3, wikitext2_val: 1}", f"data_dir={data_dir}", f"output={out}"])
+    res = got["results"]
+    assert res["piqa"]["n"] == 3 and res["arc_easy"]["n"] == 2  # piqa's own limit, arc_easy the global one
+    assert res["wikitext2"]["windows"] == 2 and res["wikitext2_val"]["windows"] == 1
+    assert res["wikitext2_val"]["ppl"] != res["wikitext2"]["ppl"]  # another split, another text
+    assert "Wiki2-val ppl" in out.with_suffix(".md").read_text()
+
+
+def test_task_limits_keep_the_key_of_results_saved_without_them_and_change_it_when_set():
+    from recipes.evaluate import cache_key
+
+    plain = EvalConfig(model="smollm2-135m", limit=5)
+    assert cache_key(plain) == cache_key(EvalConfig(model="smollm2-135m", limit=5, task_limits={}))
+    assert cache_key(plain) != cache_key(EvalConfig(model="smollm2-135m", limit=5, task_limits={"piqa": 9}))
+
+
+@pytest.mark.parametrize("value,match", [("{mmlu: 3}", "unknown task"), ("{piqa: 0}", "positive")])
+def test_bad_task_limits_are_clear_errors(value, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(EvalConfig, [f"task_limits={value}"])

@@ -86,9 +86,12 @@ def test_table_rows_per_setting_with_distinct_students_and_no_smoothquant_at_a16
     assert "n per task: Wiki2 ppl 4 windows" in text
 
 
-def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("results_dir", [None, "committed/rows"])
+def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tiny_model_dir, tmp_path, monkeypatch,
+                                                                      results_dir):
     """Rows are found by their key (evaluation settings + model fingerprint), not by their file name:
-    a result file written under another key is left out, not reported."""
+    a result file written under another key is left out, not reported. `results_dir` moves the rows
+    (e.g. into a committed results/ folder) away from the students under cache_dir."""
     from dataclasses import replace
 
     import recipes.evaluate
@@ -96,12 +99,14 @@ def test_only_cached_reports_the_evaluated_rows_and_computes_nothing(tiny_model_
 
     cfg = load_config(tables.TableConfig, [f"model={tiny_model_dir}", "settings=[4-8-8,8-8-8]", "methods=[fp,rtn,gptq]",
                                            "eval.tasks=[wikitext2]", "only_cached=true", f"cache_dir={tmp_path}",
-                                           f"output={tmp_path / 'table.md'}"])
-    (tmp_path / "results").mkdir()
+                                           f"output={tmp_path / 'table.md'}"]
+                      + ([f"results_dir={tmp_path / results_dir}"] if results_dir else []))
+    rows_dir = tmp_path / (results_dir or "results")
+    rows_dir.mkdir(parents=True)
     for row, ppl, quant in (("fp", 20.0, QuantConfig()), ("rtn-W4A8KV8", 60.0, QuantConfig(w_bits=4, a_bits=8, kv_bits=8)),
                             ("rtn-W8A8KV8", 30.0, QuantConfig(w_bits=4, a_bits=8, kv_bits=8))):  # wrong key
         key = recipes.evaluate.cache_key(replace(cfg.eval, model=tiny_model_dir, quant=quant))
-        (tmp_path / "results" / f"{row}.json").write_text(json.dumps({"provenance": {"config_hash": key},
+        (rows_dir / f"{row}.json").write_text(json.dumps({"provenance": {"config_hash": key},
                                                                       "results": {"wikitext2": {"ppl": ppl}}}))
     monkeypatch.setattr(recipes.evaluate, "run", lambda cfg: pytest.fail("only_cached must not evaluate"))
     monkeypatch.setattr(tables.ptq, "run", lambda *a: pytest.fail("only_cached must not build students"))

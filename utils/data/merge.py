@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 _SHARD_INDEX = re.compile(r"gen\.chunk\.(\d+)\.jsonl$")
 
 NGRAM_SIZES = (1, 2, 4)  # the data statistics report distinct n-grams / n-grams for these n
+SAMPLES, SAMPLE_CHARS = 3, 400  # the statistics quote the first records of the shuffled output
 
 
 @dataclass
@@ -203,7 +204,8 @@ def merge_shards(in_dir, output: Path, seed: int, skip_bad: bool, allow_mixed: b
     stats.missing_shards = missing_shards(paths)
     write_json(provenance_path(output), {**merge_provenance(config or {}, paths, metas, stats.mixed, output),
                                          "teacher_topk": k})
-    write_json(output.with_suffix(".stats.json"), summary(stats, output))  # last: recipes.merge.is_current
+    info = {**summary(stats, output), "samples": samples(output)}
+    write_json(output.with_suffix(".stats.json"), info)  # last: recipes.merge.is_current
     return stats
 
 
@@ -286,8 +288,22 @@ def summary(stats: MergeStats, output: Path) -> dict:
             "length_histogram": {f"<={k}": v for k, v in sorted(stats.lengths.items())},
             "missing_shards": stats.missing_shards, "incomplete_shards": stats.incomplete_shards,
             "mixed": stats.mixed, "distinct_start_ids": len(stats.start_ids),
+            "distinct_tokens": len(stats.ngrams.get(1, ())),
             "eos_share": round(stats.finish.get("eos", 0) / max(stats.records, 1), 4),
             "distinct_ngrams": {str(k): round(len(v) / max(stats.ngram_count[k], 1), 4) for k, v in stats.ngrams.items()}}
+
+
+def samples(output: Path, count: int = SAMPLES, chars: int = SAMPLE_CHARS) -> list[dict]:
+    """The first `count` records of the merged (shuffled) file, their text cut at `chars` characters."""
+    found = []
+    with output.open() as f:
+        for line in f:
+            if len(found) == count:
+                break
+            record = json.loads(line)
+            found.append({**{k: record[k] for k in ("start_id", "greedy_len", "finish") if k in record},
+                          "n_tokens": len(record["token_ids"]), "text": record["text"][:chars]})
+    return found
 
 
 def format_summary(info: dict) -> str:
@@ -296,7 +312,7 @@ def format_summary(info: dict) -> str:
              f"{info['shards']} shards into {info['output']}",
              f"dropped {info['duplicates_dropped']} exact duplicates, skipped {info['bad_lines_skipped']} bad lines; "
              f"finish: {info['finish']}",
-             f"{info['distinct_start_ids']} distinct start ids; EOS share {info['eos_share']:.1%}; distinct n-grams / "
+             f"{info['distinct_start_ids']} distinct start ids, {info['distinct_tokens']} distinct tokens; EOS share {info['eos_share']:.1%}; distinct n-grams / "
              f"n-grams: " + ", ".join(f"{k}-grams {v:.1%}" for k, v in info["distinct_ngrams"].items()),
              "length histogram (tokens per record):"]
     lines += [f"  {k:>7} {v:8d} {'#' * max(1, round(40 * v / peak))}" for k, v in info["length_histogram"].items()]

@@ -37,7 +37,7 @@ from utils.io import atomic_write_text, write_json
 
 NAMES = {"boolq": "BoolQ", "piqa": "PIQA", "siqa": "SIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
          "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA", "avg": "Avg",
-         "wikitext2": "Wiki2 ppl", "c4": "C4 ppl", "recovered": "recovered % (Avg)",
+         "wikitext2": "Wiki2 ppl", "c4": "C4 ppl", "wikitext2_val": "Wiki2-val ppl", "recovered": "recovered % (Avg)",
          "recovered_ppl": "recovered % (Wiki2 ppl)"}
 STRATA = (*ZERO_SHOT_TASKS, *PPL_TASKS)  # a task's place here seeds its resamples (stats.resample_counts)
 RECOVERED = (("recovered", "avg", True), ("recovered_ppl", "wikitext2", False))  # key, metric, higher is better

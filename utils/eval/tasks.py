@@ -132,8 +132,9 @@ TASKS = {
     "openbookqa": TaskSpec("openbookqa/test.jsonl", ("allenai/openbookqa", "main", "test"), openbookqa_doc, True),
 }
 ZERO_SHOT_TASKS = tuple(TASKS)
-PPL_TASKS = ("wikitext2", "c4")
+PPL_TASKS = ("wikitext2", "c4", "wikitext2_val")  # wikitext2_val: the validation split, for choosing recipes
 ALL_TASKS = PPL_TASKS + ZERO_SHOT_TASKS
+WIKITEXT2_SPLITS = {"wikitext2": "test", "wikitext2_val": "validation"}  # perplexity task -> split
 
 
 def numbered_rows(name: str, data_dir: Optional[str] = None, limit: Optional[int] = None) -> list[tuple[str, dict]]:
@@ -185,8 +186,8 @@ def data_errors(tasks, data_dir: Optional[str]) -> dict[str, str]:
     errors = {}
     for task in tasks:
         try:
-            if task == "wikitext2":
-                wikitext2_rows("test", data_dir)
+            if task in WIKITEXT2_SPLITS:
+                wikitext2_rows(WIKITEXT2_SPLITS[task], data_dir)
             elif task == "c4":
                 c4_texts(data_dir)
             else:

@@ -197,4 +197,7 @@ def test_statistics_count_start_ids_eos_share_and_distinct_ngrams(tmp_path):
     # 1-grams: 10 tokens, distinct {3, 4, 5, 10, 11, 12}; 2-grams: 7, distinct {3-10, 4-10, 5-10, 10-11, 11-12}
     # 4-grams: 2, both distinct
     assert info["distinct_ngrams"] == {"1": 0.6, "2": round(5 / 7, 4), "4": 1.0}
-    assert "3 distinct start ids" in format_summary(info)
+    assert info["distinct_tokens"] == 6 and "3 distinct start ids, 6 distinct tokens" in format_summary(info)
+    saved = json.loads((tmp_path / "all_gen.stats.json").read_text())
+    assert len(saved["samples"]) == 3 and {s["start_id"] for s in saved["samples"]} == {3, 4, 5}
+    assert {s["n_tokens"] for s in saved["samples"]} == {4, 2}
