@@ -7,6 +7,7 @@ or check that all of it agrees.
 A table `results/DIR/X.md` with a `X.sources.json` beside it (written by run_table.sh: tasks, notes and
 each row's results file) is recomputed from the per-row result JSONs in DIR (`row-<file>` as the
 collected copies are named, or `<file>`) by utils/eval/report.py's `rebuild_table`, intervals included.
+A data set's `X.stats.md` is recomputed from the `X.stats.json` the merge wrote (utils/data/stats_report.py).
 
 A document quotes a result file between two markers, the file's path (under results/) in the first:
 
@@ -29,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from utils.data.stats_report import stats_markdown  # noqa: E402
 from utils.eval.report import rebuild_table  # noqa: E402
 DOCS = ("README.md", "docs/RESULTS.md")
 BLOCK = re.compile(r"(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
@@ -65,12 +67,19 @@ def rebuilt(sources: Path) -> tuple[Path, str]:
     return sources.with_name(sources.name[: -len(".sources.json")] + ".md"), text
 
 
+def rebuilt_stats(stats: Path) -> tuple[Path, str]:
+    """(`X.stats.md`, its text recomputed) of a data set's `X.stats.json`."""
+    return stats.with_suffix(".md"), stats_markdown(json.loads(stats.read_text()))
+
+
 def rebuild_tables(check: bool, root: Path = ROOT) -> list[str]:
-    """Recompute every committed table that has a sources record; rewrite it (unless `check`); the
-    tables whose text differed."""
+    """Recompute every committed table that has a sources record, and every data statistics table
+    beside its statistics; rewrite them (unless `check`); the tables whose text differed."""
     stale = []
-    for sources in sorted((root / "results").glob("*/*.sources.json")):
-        table, text = rebuilt(sources)
+    made = [rebuilt(sources) for sources in sorted((root / "results").glob("*/*.sources.json"))]
+    made += [rebuilt_stats(stats) for stats in sorted((root / "results").glob("*/*.stats.json"))
+             if stats.with_suffix(".md").is_file()]
+    for table, text in made:
         if not table.is_file() or table.read_text() != text:
             stale.append(str(table.relative_to(root)))
             if not check:

@@ -87,3 +87,24 @@ def test_a_missing_row_file_is_an_error_naming_it(tmp_path):
     (folder / "row-rtn-W4A8KV8.json").unlink()
     with pytest.raises(FileNotFoundError, match="rtn-W4A8KV8.json"):
         sync.rebuild_tables(check=True, root=tmp_path)
+
+
+def test_a_data_statistics_table_is_rebuilt_from_the_merges_statistics(tmp_path):
+    from utils.data.stats_report import stats_markdown
+
+    folder = tmp_path / "results" / "data"
+    folder.mkdir(parents=True)
+    info = {"records": 4, "tokens": 600, "mean_tokens": 150.0, "distinct_start_ids": 2, "distinct_tokens": 310,
+            "finish": {"eos": 1, "length": 3}, "eos_share": 0.25, "distinct_ngrams": {"1": 0.5, "2": 0.9},
+            "duplicates_dropped": 0, "bad_lines_skipped": 0, "length_histogram": {"<=128": 1, "<=256": 3},
+            "samples": [{"start_id": 7, "greedy_len": 3, "finish": "eos", "n_tokens": 12, "text": "a | b\nc"}]}
+    (folder / "data.stats.json").write_text(json.dumps(info))
+    (folder / "data.stats.md").write_text(stats_markdown(info))
+    assert sync.rebuild_tables(check=True, root=tmp_path) == []
+    text = (folder / "data.stats.md").read_text()
+    assert "| tokens | 600 |" in text and "| <=256 | 3 | 75.0% |" in text and "a \\| b ⏎ c" in text
+    info["tokens"] = 700  # the statistics changed, the table did not
+    (folder / "data.stats.json").write_text(json.dumps(info))
+    assert sync.rebuild_tables(check=True, root=tmp_path) == ["results/data/data.stats.md"]
+    assert sync.rebuild_tables(check=False, root=tmp_path) == ["results/data/data.stats.md"]
+    assert "| tokens | 700 |" in (folder / "data.stats.md").read_text()

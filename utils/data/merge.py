@@ -312,8 +312,8 @@ def format_summary(info: dict) -> str:
              f"{info['shards']} shards into {info['output']}",
              f"dropped {info['duplicates_dropped']} exact duplicates, skipped {info['bad_lines_skipped']} bad lines; "
              f"finish: {info['finish']}",
-             f"{info['distinct_start_ids']} distinct start ids, {info['distinct_tokens']} distinct tokens; EOS share {info['eos_share']:.1%}; distinct n-grams / "
-             f"n-grams: " + ", ".join(f"{k}-grams {v:.1%}" for k, v in info["distinct_ngrams"].items()),
+             f"{info['distinct_start_ids']} distinct start ids, {info['distinct_tokens']} distinct tokens; "
+             f"EOS share {info['eos_share']:.1%}; distinct n-grams / n-grams: " + ", ".join(f"{k}-grams {v:.1%}" for k, v in info["distinct_ngrams"].items()),
              "length histogram (tokens per record):"]
     lines += [f"  {k:>7} {v:8d} {'#' * max(1, round(40 * v / peak))}" for k, v in info["length_histogram"].items()]
     lines.append(f"missing shards: {_ranges(info['missing_shards']) or 'none'}")

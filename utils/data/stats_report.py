@@ -1,0 +1,40 @@
+"""The statistics of a merged data set (`all_gen.stats.json`, utils/data/merge.py) as markdown.
+
+    text = stats_markdown(json.loads(Path("results/X/data.stats.json").read_text()))
+
+scripts/sync_results.py rebuilds every committed `*.stats.md` from the `*.stats.json` beside it, so
+the data section of docs/RESULTS.md quotes numbers that come from the file the merge wrote.
+"""
+
+from __future__ import annotations
+
+SAMPLE_LINE = 160  # characters of each sample shown in the markdown (the JSON keeps more)
+
+
+def _cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ⏎ ").strip()
+
+
+def stats_markdown(info: dict) -> str:
+    """Key numbers, the length histogram and the samples of one merged set, as a markdown block."""
+    records, tokens = info["records"], info["tokens"]
+    finish = info.get("finish", {})
+    grams = ", ".join(f"{k}-grams {v:.1%}" for k, v in info["distinct_ngrams"].items())
+    lines = ["| statistic | value |", "|---|---:|",
+             f"| records (sequences) | {records:,} |", f"| tokens | {tokens:,} |",
+             f"| mean tokens per record | {info['mean_tokens']} |",
+             f"| distinct start ids | {info['distinct_start_ids']:,} |",
+             f"| distinct tokens (of the vocabulary) | {info.get('distinct_tokens', 0):,} |",
+             f"| ended by EOS / by the length cap | {finish.get('eos', 0):,} / {finish.get('length', 0):,} "
+             f"({info['eos_share']:.1%} EOS) |",
+             f"| distinct n-grams / n-grams | {grams} |",
+             f"| exact duplicates dropped / bad lines skipped | {info['duplicates_dropped']} / "
+             f"{info['bad_lines_skipped']} |", "",
+             "| tokens per record | records | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:,} | {v / max(records, 1):.1%} |" for k, v in info["length_histogram"].items()]
+    samples = info.get("samples", [])
+    if samples:
+        lines += ["", "| start id | greedy | finish | tokens | text (first characters) |", "|---:|---:|---|---:|---|"]
+        lines += [f"| {s.get('start_id', '')} | {s.get('greedy_len', '')} | {s.get('finish', '')} | {s['n_tokens']} | "
+                  f"{_cell(s['text'][:SAMPLE_LINE])} |" for s in samples]
+    return "\n".join(lines) + "\n"
