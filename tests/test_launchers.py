@@ -242,3 +242,9 @@ def test_a_finished_run_ends_its_process_group(monkeypatch):
     assert not dist.is_initialized()
     shutdown_runtime(setup_runtime("none", seed=0))  # nothing started, nothing to end
     assert not dist.is_initialized()
+
+
+def test_run_reproduction_names_its_stages_and_refuses_another():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "run_reproduction.sh"), "everything"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "data|recipe|students|headline|all" in proc.stderr
