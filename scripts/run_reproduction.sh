@@ -2,7 +2,7 @@
 # Issue 18's re-measured reproduction on the default model (docs/RESULTS.md section 11), stage by stage.
 # Every stage skips what exists: a merged data set whose provenance matches, a trained student folder,
 # a table row whose results file holds every task under the same key (the rows are written straight
-# into results/issue18-*, so a row evaluated in one session is reused by the next).
+# into results/2026-12-03-issue18-*, so a row evaluated in one session is reused by the next).
 #   bash scripts/run_reproduction.sh data       # ~1M self-generated tokens, random start ids (~70 min here)
 #   bash scripts/run_reproduction.sh recipe     # two 1000-step candidates (lr 1e-4 / the paper's 2e-5), held-out
 #                                               # KD loss + WikiText-2 *validation* ppl table (~2 h)
@@ -27,14 +27,14 @@ train() {  # train W A KV RUN CONFIG [key=value ...]: runs/RUN/student unless it
 data() {
   sh run_generate.sh 2 config=configs/gen_smollm2_1m.yaml
   "$PY" merge_gen_data.py
-  mkdir -p results/issue18-data
-  cp gen_data/all_gen.stats.json results/issue18-data/data.stats.json
-  cp gen_data/all_gen.provenance.json results/issue18-data/data.provenance.json
+  mkdir -p results/2026-12-03-issue18-data
+  cp gen_data/all_gen.stats.json results/2026-12-03-issue18-data/data.stats.json
+  cp gen_data/all_gen.provenance.json results/2026-12-03-issue18-data/data.provenance.json
   "$PY" - <<'EOF'
 import json
 from pathlib import Path
 from utils.data.stats_report import stats_markdown
-stats = Path("results/issue18-data/data.stats.json")
+stats = Path("results/2026-12-03-issue18-data/data.stats.json")
 stats.with_suffix(".md").write_text(stats_markdown(json.loads(stats.read_text())))
 EOF
 }
@@ -44,7 +44,7 @@ recipe() {
   train 4 8 8 long-lr2e-5-w4a8kv8 qat_smollm2_long_lr2e-5
   sh run_table.sh config=configs/grid.yaml "eval.tasks=[wikitext2_val]" eval.ppl_limit=32 "settings=[4-8-8]" \
     "methods=[fp,rtn]" "qat=[runs/long-w4a8kv8/student,runs/long-lr2e-5-w4a8kv8/student]" cache_dir=runs/val \
-    results_dir=results/issue18-recipe output=results/issue18-recipe/val.md
+    results_dir=results/2026-12-03-issue18-recipe output=results/2026-12-03-issue18-recipe/val.md
 }
 
 students() {
@@ -58,7 +58,7 @@ headline() {
   for kv in 8 4; do
     sh run_table.sh config=configs/headline.yaml "settings=[4-8-$kv]" \
       "qat=[runs/long-w4a8kv$kv/student,runs/long-lsq-w4a8kv$kv/student]" \
-      "output=results/issue18-headline/table-4-8-$kv.md"
+      "output=results/2026-12-03-issue18-headline/table-4-8-$kv.md"
   done
 }
 
