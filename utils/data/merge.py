@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from quant.errors import InputFileError, UserError
 from utils.data.shards import SHARD_GLOB, read_meta
+from utils.data.stats_report import ngram_text
 from utils.data.topk import SidecarReader, shards_topk, write_merged
 from utils.io import JsonlError, atomic_open, write_json
 from utils.logging import progress_disabled
@@ -313,7 +314,7 @@ def format_summary(info: dict) -> str:
              f"dropped {info['duplicates_dropped']} exact duplicates, skipped {info['bad_lines_skipped']} bad lines; "
              f"finish: {info['finish']}",
              f"{info['distinct_start_ids']} distinct start ids, {info['distinct_tokens']} distinct tokens; "
-             f"EOS share {info['eos_share']:.1%}; distinct n-grams / n-grams: " + ", ".join(f"{k}-grams {v:.1%}" for k, v in info["distinct_ngrams"].items()),
+             f"EOS share {info['eos_share']:.1%}; distinct n-grams / n-grams: {ngram_text(info['distinct_ngrams'])}",
              "length histogram (tokens per record):"]
     lines += [f"  {k:>7} {v:8d} {'#' * max(1, round(40 * v / peak))}" for k, v in info["length_histogram"].items()]
     lines.append(f"missing shards: {_ranges(info['missing_shards']) or 'none'}")

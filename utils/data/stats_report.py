@@ -11,6 +11,11 @@ from __future__ import annotations
 SAMPLE_LINE = 160  # characters of each sample shown in the markdown (the JSON keeps more)
 
 
+def ngram_text(distinct_ngrams: dict) -> str:
+    """{"1": 0.021, "2": 0.24} -> "1-grams 2.1%, 2-grams 24.0%" (distinct / total n-grams)."""
+    return ", ".join(f"{k}-grams {v:.1%}" for k, v in distinct_ngrams.items())
+
+
 def _cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ⏎ ").strip()
 
@@ -19,7 +24,7 @@ def stats_markdown(info: dict) -> str:
     """Key numbers, the length histogram and the samples of one merged set, as a markdown block."""
     records, tokens = info["records"], info["tokens"]
     finish = info.get("finish", {})
-    grams = ", ".join(f"{k}-grams {v:.1%}" for k, v in info["distinct_ngrams"].items())
+    grams = ngram_text(info["distinct_ngrams"])
     lines = ["| statistic | value |", "|---|---:|",
              f"| records (sequences) | {records:,} |", f"| tokens | {tokens:,} |",
              f"| mean tokens per record | {info['mean_tokens']} |",
