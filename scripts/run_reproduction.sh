@@ -30,13 +30,8 @@ data() {
   mkdir -p results/2026-12-03-issue18-data
   cp gen_data/all_gen.stats.json results/2026-12-03-issue18-data/data.stats.json
   cp gen_data/all_gen.provenance.json results/2026-12-03-issue18-data/data.provenance.json
-  "$PY" - <<'EOF'
-import json
-from pathlib import Path
-from utils.data.stats_report import stats_markdown
-stats = Path("results/2026-12-03-issue18-data/data.stats.json")
-stats.with_suffix(".md").write_text(stats_markdown(json.loads(stats.read_text())))
-EOF
+  cp gen_data/gen.chunk.*.meta.json results/2026-12-03-issue18-data/
+  "$PY" -m utils.data.stats_report results/2026-12-03-issue18-data/data.stats.json
 }
 
 recipe() {

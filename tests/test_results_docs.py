@@ -90,7 +90,7 @@ def test_a_missing_row_file_is_an_error_naming_it(tmp_path):
 
 
 def test_a_data_statistics_table_is_rebuilt_from_the_merges_statistics(tmp_path):
-    from utils.data.stats_report import stats_markdown
+    from utils.data.stats_report import write_markdown
 
     folder = tmp_path / "results" / "data"
     folder.mkdir(parents=True)
@@ -99,7 +99,7 @@ def test_a_data_statistics_table_is_rebuilt_from_the_merges_statistics(tmp_path)
             "duplicates_dropped": 0, "bad_lines_skipped": 0, "length_histogram": {"<=128": 1, "<=256": 3},
             "samples": [{"start_id": 7, "greedy_len": 3, "finish": "eos", "n_tokens": 12, "text": "a | b\nc"}]}
     (folder / "data.stats.json").write_text(json.dumps(info))
-    (folder / "data.stats.md").write_text(stats_markdown(info))
+    assert write_markdown(folder / "data.stats.json") == folder / "data.stats.md"
     assert sync.rebuild_tables(check=True, root=tmp_path) == []
     text = (folder / "data.stats.md").read_text()
     assert "| tokens | 600 |" in text and "| <=256 | 3 | 75.0% |" in text and "a \\| b ⏎ c" in text

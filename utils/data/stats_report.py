@@ -1,12 +1,17 @@
 """The statistics of a merged data set (`all_gen.stats.json`, utils/data/merge.py) as markdown.
 
     text = stats_markdown(json.loads(Path("results/X/data.stats.json").read_text()))
+    python -m utils.data.stats_report results/X/data.stats.json     # writes results/X/data.stats.md
 
 scripts/sync_results.py rebuilds every committed `*.stats.md` from the `*.stats.json` beside it, so
 the data section of docs/RESULTS.md quotes numbers that come from the file the merge wrote.
 """
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 SAMPLE_LINE = 160  # characters of each sample shown in the markdown (the JSON keeps more)
 
@@ -43,3 +48,16 @@ def stats_markdown(info: dict) -> str:
         lines += [f"| {s.get('start_id', '')} | {s.get('greedy_len', '')} | {s.get('finish', '')} | {s['n_tokens']} | "
                   f"{_cell(s['text'][:SAMPLE_LINE])} |" for s in samples]
     return "\n".join(lines) + "\n"
+
+
+def write_markdown(stats_json) -> Path:
+    """Write `X.stats.md` beside a data set's `X.stats.json`; return its path."""
+    stats_json = Path(stats_json)
+    out = stats_json.with_suffix(".md")
+    out.write_text(stats_markdown(json.loads(stats_json.read_text())))
+    return out
+
+
+if __name__ == "__main__":  # python -m utils.data.stats_report results/X/data.stats.json [...]
+    for arg in sys.argv[1:]:
+        print(write_markdown(arg))
