@@ -16,22 +16,7 @@ PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DATA=${LLMQAT_DATA_DIR:-../shared/data}
 mkdir -p runs/ablation
-"$PY" - "$DATA" <<'EOF'
-import sys
-from pathlib import Path
-from utils.eval.datasets import c4_texts, wikitext2_rows
-from utils.io import atomic_write_text
-import json
-
-data, out = sys.argv[1], Path("runs/ablation")
-wiki = [r for r in wikitext2_rows("validation", data) if r.strip()][:368]
-c4 = [t for t in c4_texts(data) if len(t) < 4000][:106]
-for name, rows in (("wikitext2_val", wiki), ("c4_short", c4)):
-    path = out / f"{name}.jsonl"
-    if not path.is_file():
-        atomic_write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in rows))
-    print(f"{path}: {len(rows)} rows, {sum(map(len, rows))} characters")
-EOF
+"$PY" scripts/ablation_texts.py --data-dir "$DATA" --out runs/ablation
 train() {  # train RUN CONFIG: the student RUN/student from configs/CONFIG.yaml, unless it exists
   [ -f "$1/student/quant_config.json" ] || sh run_train.sh 4 8 8 config="configs/$2.yaml"
 }
