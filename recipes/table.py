@@ -240,10 +240,20 @@ def _ptq_rows(cfg: TableConfig, setting: str) -> list:
 
 
 def notes(cfg: TableConfig) -> list[str]:
+    """The table's footnote: what was evaluated (only the parts that apply to its tasks) and how to read it."""
     e = cfg.eval
-    return [f"{cfg.model}; limit={e.limit} examples per task, ppl_limit={e.ppl_limit} windows, seqlen={e.seqlen}; "
-            f"accuracy in %, {'acc_norm where defined' if cfg.prefer_acc_norm else 'acc'}; "
-            f"recovered % = (row - RTN) / (FP - RTN) at the same setting, with its paired 95 % interval."]
+    zero_shot = [t for t in e.tasks if t not in evaluate.PPL_TASKS]
+    parts = [cfg.model]
+    if zero_shot:
+        limits = [f"limit={e.limit} examples per task"]
+        limits += [f"{task} {n}" for task, n in sorted(e.task_limits.items()) if task in zero_shot]
+        parts.append(", ".join(limits))
+    if len(zero_shot) < len(e.tasks):
+        parts.append(f"ppl_limit={e.ppl_limit} windows, seqlen={e.seqlen}")
+    text = "; ".join(parts) + "; "
+    if zero_shot:
+        text += f"accuracy in %, {'acc_norm where defined' if cfg.prefer_acc_norm else 'acc'}; "
+    return [text + "recovered % = (row - RTN) / (FP - RTN) at the same setting, with its paired 95 % interval."]
 
 
 def run(cfg: TableConfig) -> list:

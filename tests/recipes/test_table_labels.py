@@ -67,3 +67,21 @@ def test_a_table_holds_data_free_and_wikitext2_gptq_rows(tmp_path, monkeypatch):
     assert evaluated == ["fp", "rtn-W4A16KV16", "gptq-W4A16KV16", "gptq_wikitext2-W4A16KV16"]
     with pytest.raises(ConfigError, match="variant"):
         load_config(tables.TableConfig, ["methods=[fp,gptq2]", "ptq_overrides={gptq2: {calib: c4}}"])
+
+
+def test_table_notes_name_only_what_the_tasks_use():
+    from recipes.evaluate import EvalConfig
+    from recipes.table import TableConfig, notes
+
+    ppl_only = notes(TableConfig(eval=EvalConfig(tasks=["wikitext2_val"], ppl_limit=32)))[0]
+    assert "ppl_limit=32 windows, seqlen=2048" in ppl_only
+    assert "examples per task" not in ppl_only and "accuracy" not in ppl_only
+
+    mixed = TableConfig(eval=EvalConfig(tasks=["piqa", "hellaswag", "wikitext2"], limit=None,
+                                        task_limits={"hellaswag": 1000, "siqa": 1000}))
+    text = notes(mixed)[0]
+    assert "limit=None examples per task, hellaswag 1000;" in text  # siqa is not in this table
+    assert "ppl_limit=" in text and "acc_norm where defined" in text
+
+    zero_shot = notes(TableConfig(eval=EvalConfig(tasks=["piqa"], limit=50)))[0]
+    assert "limit=50 examples per task;" in zero_shot and "ppl_limit" not in zero_shot
