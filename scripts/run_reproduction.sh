@@ -8,6 +8,8 @@
 #                                               # KD loss + WikiText-2 *validation* ppl table (~2 h)
 #   bash scripts/run_reproduction.sh students   # the chosen recipe at 4-8-4, and with LSQ at 4-8-8 / 4-8-4 (~3 h)
 #   bash scripts/run_reproduction.sh headline   # configs/headline.yaml: full-set rows at 4-8-4 and 4-8-8 (~10 h)
+#   bash scripts/run_reproduction.sh ablations  # 150-step students: start ids, data source, KD vs CE, STE, KV4
+#                                               # vs KV8; WikiText-2 / C4 ppl table, 16 windows each (~1.5 h)
 #   bash scripts/run_reproduction.sh all
 # The QAT rows use configs/qat_smollm2_long.yaml ("as in the paper": MinMax quantizers, logit KD) and
 # configs/qat_smollm2_long_lsq.yaml (our best: learned weight scales), unless the recipe stage says otherwise.
@@ -57,11 +59,32 @@ headline() {
   done
 }
 
+ablations() {  # the walked 35k set goes to gen_data_walk/ (gen_data/ holds the 1M set of the data stage)
+  local walk=gen_data_walk/all_gen.jsonl
+  if [ ! -f "$walk" ]; then
+    sh run_generate.sh 2 config=configs/gen_smollm2.yaml out_dir=gen_data_walk
+    "$PY" merge_gen_data.py in_dir=gen_data_walk
+  fi
+  "$PY" scripts/ablation_texts.py --out runs/ablation
+  train 4 8 8 w4a8kv8 qat_smollm2_w4a8kv8 "data.train=$walk"
+  train 4 8 8 gen_random ablations/gen_random data.train=gen_data/all_gen.jsonl
+  train 4 8 8 kd_wikitext2 ablations/kd_wikitext2
+  train 4 8 8 kd_c4 ablations/kd_c4
+  train 4 8 8 ce_gen ablations/ce_gen "data.train=$walk"
+  train 4 8 8 ste_clip ablations/ste_clip "data.train=$walk"
+  train 4 8 4 w4a8kv4 qat_smollm2_w4a8kv8 "data.train=$walk"
+  local students=w4a8kv8,gen_random,kd_wikitext2,kd_c4,ce_gen,ste_clip,w4a8kv4
+  sh run_table.sh config=configs/grid.yaml "eval.tasks=[wikitext2,c4]" eval.ppl_limit=16 "settings=[4-8-4,4-8-8]" \
+    "methods=[fp,rtn]" "qat=[$(sed -E 's#([^,]+)#runs/\1/student#g' <<<"$students")]" cache_dir=runs/abl \
+    results_dir=results/2026-12-03-issue18-ablations output=results/2026-12-03-issue18-ablations/table.md
+}
+
 case "$STAGE" in
   data) data ;;
   recipe) recipe ;;
   students) students ;;
   headline) headline ;;
-  all) data; recipe; students; headline ;;
-  *) echo "usage: bash scripts/run_reproduction.sh data|recipe|students|headline|all" >&2; exit 2 ;;
+  ablations) ablations ;;
+  all) data; recipe; students; headline; ablations ;;
+  *) echo "usage: bash scripts/run_reproduction.sh data|recipe|students|headline|ablations|all" >&2; exit 2 ;;
 esac
