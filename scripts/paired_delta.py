@@ -1,11 +1,16 @@
 """Paired difference of two evaluated rows on the same windows / examples, with 95 % bootstrap intervals.
 
     python scripts/paired_delta.py runs/table/results/qat-lsq-W4A8KV8.json runs/table/results/qat-w4a8kv8-W4A8KV8.json
+    python scripts/paired_delta.py --pairs results/X/paired.md A.json:B.json C.json:D.json ...
 
 The table (run_table.sh) compares every row with FP and RTN; this compares any two result files that
 evaluate.py / run_table.sh wrote (they hold each perplexity window's NLL and each example's outcome):
 per task A - B, perplexity on the same windows (windows resampled together) and accuracy in points on
 the same examples (utils/eval/stats.py), and for perplexity also (A - B) / B in %. Prints markdown rows.
+
+With --pairs, the result files are named relative to the output's folder; it writes one table of every
+pair (OUT) and the pairs it was made from (OUT with .pairs.json), from which scripts/sync_results.py
+rebuilds and checks it like the other committed tables.
 """
 
 from __future__ import annotations
@@ -14,36 +19,37 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.eval.stats import interval, paired_diff_ci, paired_ppl  # noqa: E402
+from utils.eval.report import paired_delta, pairs_record, rebuild_pairs  # noqa: E402
+from utils.io import atomic_write_text, write_json  # noqa: E402
+
+delta = paired_delta
 
 
-def delta(a: dict, b: dict) -> dict:
-    """Per task {"a", "b", "diff", "ci95", "rel_pct"?} of two result dicts (their "results" sections)."""
-    out = {}
-    for task in (t for t in a if t in b):
-        ra, rb = a[task], b[task]
-        if "per_window" in ra and "per_window" in rb:
-            if ra["per_window"]["tokens"] != rb["per_window"]["tokens"]:
-                raise ValueError(f"{task}: the two rows were evaluated on different windows")
-            s = paired_ppl(np.array([ra["per_window"]["nll"], rb["per_window"]["nll"]]),
-                           np.array([ra["per_window"]["tokens"], rb["per_window"]["tokens"]]))
-            out[task] = {"a": ra["ppl"], "b": rb["ppl"], "diff": ra["ppl"] - rb["ppl"], "ci95": interval(s[0] - s[1]),
-                         "rel_pct": 100 * (ra["ppl"] / rb["ppl"] - 1), "rel_ci95": interval(100 * (s[0] / s[1] - 1))}
-        elif "per_example" in ra and "per_example" in rb:
-            key = "acc_norm" if "acc_norm" in ra["per_example"] else "acc"
-            x, y = (np.array([int(c) for c in r["per_example"][key]]) for r in (ra, rb))
-            if len(x) != len(y):
-                raise ValueError(f"{task}: the two rows were evaluated on different examples")
-            out[task] = {"a": 100 * x.mean(), "b": 100 * y.mean(), "diff": 100 * (x.mean() - y.mean()),
-                         "ci95": paired_diff_ci(x, y), "n": len(x), "metric": key}
-    return out
+def write_pairs(out: Path, specs: list[str]) -> str:
+    pairs = []
+    for spec in specs:
+        a, sep, b = spec.partition(":")
+        if not sep or not a or not b:
+            raise SystemExit(f"--pairs wants A.json:B.json, got {spec!r}")
+        for name in (a, b):
+            if not (out.parent / name).is_file():
+                raise SystemExit(f"{out.parent / name}: no such result file (names are relative to {out.parent})")
+        pairs.append([a, b])
+    write_json(pairs_record(out), {"pairs": pairs})
+    table, text = rebuild_pairs(pairs_record(out))
+    atomic_write_text(table, text)
+    return text
 
 
 def main(argv) -> int:
+    if argv[:1] == ["--pairs"] and len(argv) >= 3:
+        out = Path(argv[1])
+        if out.suffix != ".md":
+            raise SystemExit(f"--pairs writes a markdown table: {out} should end in .md")
+        print(write_pairs(out, argv[2:]), end="")
+        return 0
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2

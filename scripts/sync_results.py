@@ -8,6 +8,8 @@ A table `results/DIR/X.md` with a `X.sources.json` beside it (written by run_tab
 each row's results file) is recomputed from the per-row result JSONs in DIR (`row-<file>` as the
 collected copies are named, or `<file>`) by utils/eval/report.py's `rebuild_table`, intervals included.
 A data set's `X.stats.md` is recomputed from the `X.stats.json` the merge wrote (utils/data/stats_report.py).
+A paired-differences table `X.md` with an `X.pairs.json` beside it (scripts/paired_delta.py --pairs) is
+recomputed from the result files it names.
 
 A document quotes a result file between two markers, the file's path (under results/) in the first:
 
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from utils.data.stats_report import stats_markdown  # noqa: E402
-from utils.eval.report import rebuild_table  # noqa: E402
+from utils.eval.report import PAIRS_SUFFIX, rebuild_pairs, rebuild_table  # noqa: E402
 DOCS = ("README.md", "docs/RESULTS.md")
 BLOCK = re.compile(r"(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
@@ -73,12 +75,14 @@ def rebuilt_stats(stats: Path) -> tuple[Path, str]:
 
 
 def rebuild_tables(check: bool, root: Path = ROOT) -> list[str]:
-    """Recompute every committed table that has a sources record, and every data statistics table
-    beside its statistics; rewrite them (unless `check`); the tables whose text differed."""
+    """Recompute every committed table that has a sources record, every data statistics table beside
+    its statistics and every paired-differences table beside its pairs record; rewrite them (unless
+    `check`); the tables whose text differed."""
     stale = []
     made = [rebuilt(sources) for sources in sorted((root / "results").glob("*/*.sources.json"))]
     made += [rebuilt_stats(stats) for stats in sorted((root / "results").glob("*/*.stats.json"))
              if stats.with_suffix(".md").is_file()]
+    made += [rebuild_pairs(record) for record in sorted((root / "results").glob(f"*/*{PAIRS_SUFFIX}"))]
     for table, text in made:
         if not table.is_file() or table.read_text() != text:
             stale.append(str(table.relative_to(root)))

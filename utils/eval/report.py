@@ -25,6 +25,7 @@ scripts/sync_results.py) must make the same text from the same rows, so both sta
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -316,3 +317,69 @@ def rebuild_table(sources: dict, load_results: Callable[[str], dict]) -> str:
                       sources["prefer_acc_norm"]) for r in sources["rows"]]
     add_recovered(rows)
     return markdown(rows, tasks, sources["notes"])
+
+
+def paired_delta(a: dict, b: dict) -> dict:
+    """Per task of two results sections, A - B on the same windows / examples: {"a", "b", "diff", "ci95"}, and
+    for perplexity "rel_pct" / "rel_ci95" ((A - B) / B in %), for accuracy "n" and "metric" (acc_norm where
+    both rows have it). Tasks in only one of them are left out; rows on different windows or examples are
+    refused (ValueError)."""
+    out = {}
+    for task in (t for t in a if t in b):
+        ra, rb = a[task], b[task]
+        if "per_window" in ra and "per_window" in rb:
+            if ra["per_window"]["tokens"] != rb["per_window"]["tokens"]:
+                raise ValueError(f"{task}: the two rows were evaluated on different windows")
+            s = stats.paired_ppl(np.array([ra["per_window"]["nll"], rb["per_window"]["nll"]]),
+                                 np.array([ra["per_window"]["tokens"], rb["per_window"]["tokens"]]))
+            out[task] = {"a": ra["ppl"], "b": rb["ppl"], "diff": ra["ppl"] - rb["ppl"],
+                         "ci95": stats.interval(s[0] - s[1]), "rel_pct": 100 * (ra["ppl"] / rb["ppl"] - 1),
+                         "rel_ci95": stats.interval(100 * (s[0] / s[1] - 1))}
+        elif "per_example" in ra and "per_example" in rb:
+            key = "acc_norm" if "acc_norm" in ra["per_example"] and "acc_norm" in rb["per_example"] else "acc"
+            x, y = (np.array([int(c) for c in r["per_example"][key]]) for r in (ra, rb))
+            if len(x) != len(y):
+                raise ValueError(f"{task}: the two rows were evaluated on different examples")
+            out[task] = {"a": 100 * x.mean(), "b": 100 * y.mean(), "diff": 100 * (x.mean() - y.mean()),
+                         "ci95": stats.paired_diff_ci(x, y), "n": len(x), "metric": key}
+    return out
+
+
+PAIRED_LEGEND = ("A - B on the same windows / examples (perplexity in ppl, accuracy in points), with its paired "
+                 "95 % bootstrap interval (1000 resamples, seed 0); n.s.: the interval spans 0.")
+
+
+def _ci_text(ci: Sequence[float]) -> str:
+    return "[{:+.2f}, {:+.2f}]".format(*ci) + (" n.s." if ci[0] <= 0 <= ci[1] else "")
+
+
+def paired_markdown(pairs: Sequence[Sequence[str]], load_results: Callable[[str], dict]) -> str:
+    """One markdown table of paired differences, a row per (pair, task); `pairs` are (A, B) result-file
+    names and `load_results(name)` returns such a file's parsed JSON."""
+    lines = ["| A | B | task | A | B | A - B [95 %] | (A - B) / B |", "|---|---|---|---:|---:|---:|---:|"]
+    for name_a, name_b in pairs:
+        a, b = load_results(name_a), load_results(name_b)
+        for task, d in paired_delta(a["results"], b["results"]).items():
+            rel = "{:+.1f} % [{:+.1f}, {:+.1f}]".format(d["rel_pct"], *d["rel_ci95"]) if "rel_pct" in d else ""
+            task_name = NAMES.get(task, task) + (f" ({d['metric']}, n={d['n']})" if "n" in d else "")
+            lines.append(f"| {Path(name_a).stem} | {Path(name_b).stem} | {task_name} | {d['a']:.2f} | {d['b']:.2f} "
+                         f"| {d['diff']:+.2f} {_ci_text(d['ci95'])} | {rel} |")
+    return "\n".join(lines) + "\n\n" + PAIRED_LEGEND + "\n"
+
+
+PAIRS_SUFFIX = ".pairs.json"
+
+
+def pairs_record(table) -> Path:
+    """The record of the pairs behind a paired-differences table `X.md`: `X.pairs.json` beside it."""
+    table = Path(table)
+    return table.with_name(table.stem + PAIRS_SUFFIX)
+
+
+def rebuild_pairs(record) -> tuple[Path, str]:
+    """(table path, its text recomputed from the result files) of a `X.pairs.json` record
+    ({"pairs": [[A, B], ...]}, result files named relative to the record's folder)."""
+    record = Path(record)
+    pairs = json.loads(record.read_text())["pairs"]
+    table = record.with_name(record.name[: -len(PAIRS_SUFFIX)] + ".md")
+    return table, paired_markdown(pairs, lambda name: json.loads((record.parent / name).read_text()))
