@@ -73,7 +73,8 @@ ablations() {  # the walked 35k set goes to gen_data_walk/ (gen_data/ holds the 
   train 4 8 8 ce_gen ablations/ce_gen "data.train=$walk"
   train 4 8 8 ste_clip ablations/ste_clip "data.train=$walk"
   train 4 8 4 w4a8kv4 qat_smollm2_w4a8kv8 "data.train=$walk"
-  local students=w4a8kv8,gen_random,kd_wikitext2,kd_c4,ce_gen,ste_clip,w4a8kv4
+  train 4 8 8 long-w4a8kv8 qat_smollm2_long  # the recipe stage's student: the length comparison
+  local students=w4a8kv8,gen_random,kd_wikitext2,kd_c4,ce_gen,ste_clip,w4a8kv4,long-w4a8kv8
   sh run_table.sh config=configs/grid.yaml "eval.tasks=[wikitext2,c4]" eval.ppl_limit=16 "settings=[4-8-4,4-8-8]" \
     "methods=[fp,rtn]" "qat=[$(sed -E 's#([^,]+)#runs/\1/student#g' <<<"$students")]" cache_dir=runs/abl \
     results_dir=results/2026-12-03-issue18-ablations output=results/2026-12-03-issue18-ablations/table.md
