@@ -6,7 +6,7 @@
 The table (run_table.sh) compares every row with FP and RTN; this compares any two result files that
 evaluate.py / run_table.sh wrote (they hold each perplexity window's NLL and each example's outcome):
 per task A - B, perplexity on the same windows (windows resampled together) and accuracy in points on
-the same examples (utils/eval/stats.py), and for perplexity also (A - B) / B in %. Prints markdown rows.
+the same examples (utils/eval/stats.py), and for perplexity also (A - B) / B in %. Prints a markdown table.
 
 With --pairs, the result files are named relative to the output's folder; it writes one table of every
 pair (OUT) and the pairs it was made from (OUT with .pairs.json), from which scripts/sync_results.py
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.eval.report import paired_delta, pairs_record, rebuild_pairs  # noqa: E402
+from utils.eval.report import paired_delta, paired_markdown, pairs_record, rebuild_pairs  # noqa: E402
 from utils.io import atomic_write_text, write_json  # noqa: E402
 
 delta = paired_delta
@@ -53,12 +53,8 @@ def main(argv) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    a, b = (json.loads(Path(p).read_text()) for p in argv)
-    print(f"A = {argv[0]}\nB = {argv[1]}\n\n| task | A | B | A - B [95 %] | (A - B) / B |\n|---|---:|---:|---:|---:|")
-    for task, d in delta(a["results"], b["results"]).items():
-        ci = "[{:+.2f}, {:+.2f}]".format(*d["ci95"])
-        rel = "{:+.2f} % [{:+.2f}, {:+.2f}]".format(d["rel_pct"], *d["rel_ci95"]) if "rel_pct" in d else ""
-        print(f"| {task} | {d['a']:.2f} | {d['b']:.2f} | {d['diff']:+.2f} {ci} | {rel} |")
+    print(f"A = {argv[0]}\nB = {argv[1]}\n")
+    print(paired_markdown([argv], lambda path: json.loads(Path(path).read_text())), end="")
     return 0
 
 

@@ -15,7 +15,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DATA=${LLMQAT_DATA_DIR:-../shared/data}
-mkdir -p runs/ablation
 "$PY" scripts/ablation_texts.py --data-dir "$DATA" --out runs/ablation
 train() {  # train RUN CONFIG: the student RUN/student from configs/CONFIG.yaml, unless it exists
   [ -f "$1/student/quant_config.json" ] || sh run_train.sh 4 8 8 config="configs/$2.yaml"

@@ -349,10 +349,6 @@ PAIRED_LEGEND = ("A - B on the same windows / examples (perplexity in ppl, accur
                  "95 % bootstrap interval (1000 resamples, seed 0); n.s.: the interval spans 0.")
 
 
-def _ci_text(ci: Sequence[float]) -> str:
-    return "[{:+.2f}, {:+.2f}]".format(*ci) + (" n.s." if ci[0] <= 0 <= ci[1] else "")
-
-
 def paired_markdown(pairs: Sequence[Sequence[str]], load_results: Callable[[str], dict]) -> str:
     """One markdown table of paired differences, a row per (pair, task); `pairs` are (A, B) result-file
     names and `load_results(name)` returns such a file's parsed JSON."""
@@ -360,10 +356,10 @@ def paired_markdown(pairs: Sequence[Sequence[str]], load_results: Callable[[str]
     for name_a, name_b in pairs:
         a, b = load_results(name_a), load_results(name_b)
         for task, d in paired_delta(a["results"], b["results"]).items():
-            rel = "{:+.1f} % [{:+.1f}, {:+.1f}]".format(d["rel_pct"], *d["rel_ci95"]) if "rel_pct" in d else ""
+            rel = f"{d['rel_pct']:+.1f} % [{d['rel_ci95'][0]:+.1f}, {d['rel_ci95'][1]:+.1f}]" if "rel_pct" in d else ""
             task_name = NAMES.get(task, task) + (f" ({d['metric']}, n={d['n']})" if "n" in d else "")
             lines.append(f"| {Path(name_a).stem} | {Path(name_b).stem} | {task_name} | {d['a']:.2f} | {d['b']:.2f} "
-                         f"| {d['diff']:+.2f} {_ci_text(d['ci95'])} | {rel} |")
+                         f"| {d['diff']:+.2f} {_interval(d['ci95'], '+.2f')} | {rel} |")
     return "\n".join(lines) + "\n\n" + PAIRED_LEGEND + "\n"
 
 
