@@ -78,6 +78,7 @@ ablations() {  # the walked 35k set goes to gen_data_walk/ (gen_data/ holds the 
   sh run_table.sh config=configs/grid.yaml "eval.tasks=[wikitext2,c4]" eval.ppl_limit=16 "settings=[4-8-4,4-8-8]" \
     "methods=[fp,rtn]" "qat=[$(sed -E 's#([^,]+)#runs/\1/student#g' <<<"$students")]" cache_dir=runs/abl \
     results_dir=results/2026-12-03-issue18-ablations output=results/2026-12-03-issue18-ablations/table.md
+  "$PY" scripts/sync_results.py  # paired.md: the pairs of RESULTS §11.5, recomputed from its paired.pairs.json
 }
 
 case "$STAGE" in
