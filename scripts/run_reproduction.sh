@@ -10,6 +10,8 @@
 #   bash scripts/run_reproduction.sh headline   # configs/headline.yaml: full-set rows at 4-8-4 and 4-8-8 (~10 h)
 #   bash scripts/run_reproduction.sh ablations  # 150-step students: start ids, data source, KD vs CE, STE, KV4
 #                                               # vs KV8; WikiText-2 / C4 ppl table, 16 windows each (~1.5 h)
+#   bash scripts/run_reproduction.sh grid       # configs/grid_n250.yaml: the six other README settings, 250
+#                                               # examples per task, 150-step students (~5 h)
 #   bash scripts/run_reproduction.sh all
 # The QAT rows use configs/qat_smollm2_long.yaml ("as in the paper": MinMax quantizers, logit KD) and
 # configs/qat_smollm2_long_lsq.yaml (our best: learned weight scales), unless the recipe stage says otherwise.
@@ -81,12 +83,26 @@ ablations() {  # the walked 35k set goes to gen_data_walk/ (gen_data/ holds the 
   "$PY" scripts/sync_results.py  # paired.md: the pairs of RESULTS §11.5, recomputed from its paired.pairs.json
 }
 
+grid() {  # one 150-step student per setting (the random-start recipe of §11.5), then its rows
+  local s w a kv students=()
+  for s in 4-6-16 4-8-16 4-16-16 8-8-4 8-8-8 8-8-16; do
+    IFS=- read -r w a kv <<<"$s"
+    train "$w" "$a" "$kv" "grid-w${w}a${a}kv${kv}" ablations/gen_random data.train=gen_data/all_gen.jsonl
+    students+=("runs/grid-w${w}a${a}kv${kv}/student")
+    sh run_table.sh config=configs/grid_n250.yaml "settings=[$s]" "qat=[${students[-1]}]" \
+      "output=runs/grid250/last.md"
+  done
+  local IFS=,
+  sh run_table.sh config=configs/grid_n250.yaml "qat=[${students[*]}]" only_cached=true
+}
+
 case "$STAGE" in
   data) data ;;
   recipe) recipe ;;
   students) students ;;
   headline) headline ;;
   ablations) ablations ;;
-  all) data; recipe; students; headline; ablations ;;
-  *) echo "usage: bash scripts/run_reproduction.sh data|recipe|students|headline|ablations|all" >&2; exit 2 ;;
+  grid) grid ;;
+  all) data; recipe; students; headline; ablations; grid ;;
+  *) echo "usage: bash scripts/run_reproduction.sh data|recipe|students|headline|ablations|grid|all" >&2; exit 2 ;;
 esac

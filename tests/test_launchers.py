@@ -247,4 +247,4 @@ def test_a_finished_run_ends_its_process_group(monkeypatch):
 def test_run_reproduction_names_its_stages_and_refuses_another():
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "run_reproduction.sh"), "everything"], capture_output=True,
                           text=True, timeout=30)
-    assert proc.returncode == 2 and "data|recipe|students|headline|ablations|all" in proc.stderr
+    assert proc.returncode == 2 and "data|recipe|students|headline|ablations|grid|all" in proc.stderr
