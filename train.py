@@ -13,6 +13,7 @@ from quant.errors import UserError
 from recipes.train import TrainConfig, run
 from utils.cli import run_entry_point
 from utils.config import load_config
+from utils.distributed import exit_process
 
 
 def main(argv) -> int:
@@ -28,4 +29,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))  # sys.exit, or os._exit after a distributed run (see its docstring)

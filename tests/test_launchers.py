@@ -244,6 +244,34 @@ def test_a_finished_run_ends_its_process_group(monkeypatch):
     assert not dist.is_initialized()
 
 
+EXIT_SCRIPT = """
+import atexit, logging, os, sys
+from utils.distributed import exit_process, setup_runtime, shutdown_runtime
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+atexit.register(lambda: print("finalized", flush=True))
+if sys.argv[1] == "ddp":
+    shutdown_runtime(setup_runtime("ddp", seed=0))
+logging.getLogger("x").info("logged before exit")
+sys.stdout.write("buffered, not flushed")
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("backend", ["ddp", "none"])
+def test_exit_process_skips_finalization_only_after_a_process_group(backend):
+    """train.py ends with exit_process: after a distributed run it flushes the logs and std streams and
+    leaves with os._exit (no interpreter finalization, where a still-referenced gloo group could abort a
+    finished rank); otherwise it is sys.exit. Either way the exit code and every written line survive."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, backend], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "buffered, not flushed" in proc.stdout and "logged before exit" in proc.stderr
+    assert ("finalized" in proc.stdout) == (backend == "none")
+
+
 def test_run_reproduction_names_its_stages_and_refuses_another():
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "run_reproduction.sh"), "everything"], capture_output=True,
                           text=True, timeout=30)

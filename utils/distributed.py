@@ -23,12 +23,14 @@ saved float32 weights.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -171,13 +173,39 @@ def setup_runtime(backend: str, seed: int, device: str = "auto") -> Runtime:
     return Runtime(rank, world, local_rank, dev, backend)
 
 
+_GROUP_ENDED = False  # set once this process has ended a process group: see exit_process
+
+
 def shutdown_runtime(rt: Runtime) -> None:
     """End a finished run's process group on every rank together (barrier, then destroy). Left to
     interpreter exit, gloo's threads can be torn down while a peer still talks to them, and a rank
-    that already finished its work dies with SIGABRT ("terminate called without an active exception")."""
+    that already finished its work dies with SIGABRT ("terminate called without an active exception").
+    destroy_process_group only drops torch's own references: DeepSpeed (its engine, its groups module)
+    may still hold the group, so the entry point ends such a process with `exit_process`."""
+    global _GROUP_ENDED
     if rt.backend != "none" and dist.is_initialized():
+        gc.collect()  # drop the engine / optimizer cycles that still hold the group or its pending work
         dist.barrier()
         dist.destroy_process_group()
+        _GROUP_ENDED = True
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit an entry point with `code`. After a process group was ended (`shutdown_runtime`), skip the
+    interpreter's finalization (logs and std streams flushed, then `os._exit`): a gloo group that a
+    library still references is otherwise destroyed during finalization, where its worker threads can
+    abort the process (SIGABRT, "terminate called without an active exception") after every result file
+    was written, and torchrun then reports the finished run as failed. Every file this project writes
+    is closed before that point (atomic writes), so nothing is lost."""
+    if not _GROUP_ENDED:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def barrier(rt: Runtime) -> None:
