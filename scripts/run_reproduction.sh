@@ -3,7 +3,8 @@
 # Every stage skips what exists: a merged data set whose provenance matches, a trained student folder,
 # a table row whose results file holds every task under the same key (the rows are written straight
 # into results/2026-12-03-issue18-*, so a row evaluated in one session is reused by the next).
-#   bash scripts/run_reproduction.sh data       # ~1M self-generated tokens, random start ids (~70 min here)
+#   bash scripts/run_reproduction.sh data       # ~1M self-generated tokens, random start ids (~70 min here;
+#                                               # seconds when its committed archive is there)
 #   bash scripts/run_reproduction.sh recipe     # two 1000-step candidates (lr 1e-4 / the paper's 2e-5), held-out
 #                                               # KD loss + WikiText-2 *validation* ppl table (~2 h)
 #   bash scripts/run_reproduction.sh students   # the chosen recipe at 4-8-4, and with LSQ at 4-8-8 / 4-8-4 (~3 h)
@@ -28,7 +29,12 @@ train() {  # train W A KV RUN CONFIG [key=value ...]: runs/RUN/student unless it
     "output_dir=runs/$run" resume=auto "$@"
 }
 
-data() {
+data() {  # the committed archive of the §11.1 set, restored only if its sha256 is the recorded one
+  local kept=results/2026-12-03-issue18-data
+  if [ -f "$kept/all_gen.jsonl.xz" ]; then
+    "$PY" scripts/data_archive.py unpack "$kept" gen_data/all_gen.jsonl
+    return
+  fi
   sh run_generate.sh 2 config=configs/gen_smollm2_1m.yaml
   "$PY" merge_gen_data.py
   mkdir -p results/2026-12-03-issue18-data
@@ -38,7 +44,12 @@ data() {
   "$PY" -m utils.data.stats_report results/2026-12-03-issue18-data/data.stats.json
 }
 
+ensure_data() {  # every stage after `data` trains or calibrates on gen_data/all_gen.jsonl
+  [ -f gen_data/all_gen.jsonl ] || data
+}
+
 recipe() {
+  ensure_data
   train 4 8 8 long-w4a8kv8 qat_smollm2_long
   train 4 8 8 long-lr2e-5-w4a8kv8 qat_smollm2_long_lr2e-5
   sh run_table.sh config=configs/grid.yaml "eval.tasks=[wikitext2_val]" eval.ppl_limit=32 "settings=[4-8-8]" \
@@ -47,6 +58,7 @@ recipe() {
 }
 
 students() {
+  ensure_data
   train 4 8 8 long-w4a8kv8 qat_smollm2_long
   train 4 8 4 long-w4a8kv4 qat_smollm2_long
   train 4 8 8 long-lsq-w4a8kv8 qat_smollm2_long_lsq
@@ -54,6 +66,7 @@ students() {
 }
 
 headline() {
+  ensure_data
   for kv in 8 4; do
     sh run_table.sh config=configs/headline.yaml "settings=[4-8-$kv]" \
       "qat=[runs/long-w4a8kv$kv/student,runs/long-lsq-w4a8kv$kv/student]" \
@@ -62,6 +75,7 @@ headline() {
 }
 
 ablations() {  # the walked 35k set goes to gen_data_walk/ (gen_data/ holds the 1M set of the data stage)
+  ensure_data
   local walk=gen_data_walk/all_gen.jsonl
   if [ ! -f "$walk" ]; then
     sh run_generate.sh 2 config=configs/gen_smollm2.yaml out_dir=gen_data_walk
@@ -84,6 +98,7 @@ ablations() {  # the walked 35k set goes to gen_data_walk/ (gen_data/ holds the 
 }
 
 grid() {  # one 150-step student per setting (the random-start recipe of §11.5), then its rows
+  ensure_data
   local s w a kv students=()
   for s in 4-6-16 4-8-16 4-16-16 8-8-4 8-8-8 8-8-16; do
     IFS=- read -r w a kv <<<"$s"
