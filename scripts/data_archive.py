@@ -17,13 +17,16 @@ file is left alone when it is the same content and refused when it differs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import lzma
 import os
 import shutil
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.provenance import data_fingerprint  # noqa: E402  (the definition behind the record's `output`)
 
 ARCHIVE = "all_gen.jsonl.xz"
 PROVENANCE = "data.provenance.json"
@@ -32,14 +35,6 @@ STATS = "data.stats.json"
 
 class ArchiveError(Exception):
     """A missing record, or bytes that are not the recorded data set."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def recorded_fingerprint(folder: Path) -> str:
@@ -57,7 +52,7 @@ def pack(data: Path, folder: Path) -> Path:
     """Compress `data` into folder/all_gen.jsonl.xz if it is the data set the folder's provenance names."""
     if not data.is_file():
         raise ArchiveError(f"{data} not found")
-    want, have = recorded_fingerprint(folder), sha256_file(data)
+    want, have = recorded_fingerprint(folder), data_fingerprint(data)
     if have != want:
         raise ArchiveError(f"{data} (sha256 {have[:16]}) is not the data set of {folder / PROVENANCE} "
                            f"({want[:16]}): not archived")
@@ -80,7 +75,7 @@ def unpack(folder: Path, data: Path) -> bool:
     want = recorded_fingerprint(folder)
     archive = folder / ARCHIVE
     if data.is_file():
-        if sha256_file(data) != want:
+        if data_fingerprint(data) != want:
             raise ArchiveError(f"{data} exists and is not the data set of {folder / PROVENANCE}: move it away "
                                "first (it is not overwritten)")
         restored = False
@@ -91,7 +86,7 @@ def unpack(folder: Path, data: Path) -> bool:
         tmp = data.with_name(data.name + ".tmp")
         with lzma.open(archive, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        have = sha256_file(tmp)
+        have = data_fingerprint(tmp)
         if have != want:
             tmp.unlink()
             raise ArchiveError(f"{archive} decompresses to sha256 {have[:16]}, not the recorded {want[:16]}: "

@@ -23,7 +23,7 @@ def merged(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     folder = tmp_path / "results"
     folder.mkdir()
-    (folder / "data.provenance.json").write_text(json.dumps({"output": data_archive.sha256_file(data)}))
+    (folder / "data.provenance.json").write_text(json.dumps({"output": data_archive.data_fingerprint(data)}))
     (folder / "data.stats.json").write_text(json.dumps({"records": 2}))
     return data, folder
 
@@ -35,7 +35,7 @@ def test_pack_then_unpack_restores_the_same_bytes_with_their_records(merged, tmp
     out = tmp_path / "fresh" / "all_gen.jsonl"
     assert data_archive.main(["unpack", str(folder), str(out)]) == 0
     assert out.read_bytes() == data.read_bytes()
-    assert json.loads(out.with_suffix(".provenance.json").read_text())["output"] == data_archive.sha256_file(out)
+    assert json.loads(out.with_suffix(".provenance.json").read_text())["output"] == data_archive.data_fingerprint(out)
     assert json.loads(out.with_suffix(".stats.json").read_text()) == {"records": 2}
     assert data_archive.unpack(folder, out) is False  # already there: nothing rewritten
 
