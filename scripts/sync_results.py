@@ -9,7 +9,8 @@ each row's results file) is recomputed from the per-row result JSONs in DIR (`ro
 collected copies are named, or `<file>`) by utils/eval/report.py's `rebuild_table`, intervals included.
 A data set's `X.stats.md` is recomputed from the `X.stats.json` the merge wrote (utils/data/stats_report.py).
 A paired-differences table `X.md` with an `X.pairs.json` beside it (scripts/paired_delta.py --pairs) is
-recomputed from the result files it names.
+recomputed from the result files it names. A choice-share table `X.md` with an `X.choices.json` beside it
+(scripts/choice_shares.py) is recomputed from its record (gold labels kept in it) and the result files.
 
 A document quotes a result file between two markers, the file's path (under results/) in the first:
 
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from utils.data.stats_report import stats_markdown  # noqa: E402
+from utils.eval.choices import CHOICES_SUFFIX, rebuild_choices  # noqa: E402
 from utils.eval.report import PAIRS_SUFFIX, rebuild_pairs, rebuild_table  # noqa: E402
 DOCS = ("README.md", "docs/RESULTS.md")
 BLOCK = re.compile(r"(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
@@ -76,13 +78,15 @@ def rebuilt_stats(stats: Path) -> tuple[Path, str]:
 
 def rebuild_tables(check: bool, root: Path = ROOT) -> list[str]:
     """Recompute every committed table that has a sources record, every data statistics table beside
-    its statistics and every paired-differences table beside its pairs record; rewrite them (unless
+    its statistics, every paired-differences table beside its pairs record and every choice-share table
+    beside its choices record; rewrite them (unless
     `check`); the tables whose text differed."""
     stale = []
     made = [rebuilt(sources) for sources in sorted((root / "results").glob("*/*.sources.json"))]
     made += [rebuilt_stats(stats) for stats in sorted((root / "results").glob("*/*.stats.json"))
              if stats.with_suffix(".md").is_file()]
     made += [rebuild_pairs(record) for record in sorted((root / "results").glob(f"*/*{PAIRS_SUFFIX}"))]
+    made += [rebuild_choices(record) for record in sorted((root / "results").glob(f"*/*{CHOICES_SUFFIX}"))]
     for table, text in made:
         if not table.is_file() or table.read_text() != text:
             stale.append(str(table.relative_to(root)))
