@@ -52,8 +52,12 @@ recipe() {
   ensure_data
   train 4 8 8 long-w4a8kv8 qat_smollm2_long
   train 4 8 8 long-lr2e-5-w4a8kv8 qat_smollm2_long_lr2e-5
+  # the committed table also has the §1 150-step student as a reference row (runs/w4a8kv8, `sh run_train.sh
+  # 4 8 8 config=configs/qat_smollm2_w4a8kv8.yaml` on the 35k walked set); it is added when that folder exists
+  local ref=""
+  [ -f runs/w4a8kv8/student/quant_config.json ] && ref="runs/w4a8kv8/student,"
   sh run_table.sh config=configs/grid.yaml "eval.tasks=[wikitext2_val]" eval.ppl_limit=32 "settings=[4-8-8]" \
-    "methods=[fp,rtn]" "qat=[runs/long-w4a8kv8/student,runs/long-lr2e-5-w4a8kv8/student]" cache_dir=runs/val \
+    "methods=[fp,rtn]" "qat=[${ref}runs/long-w4a8kv8/student,runs/long-lr2e-5-w4a8kv8/student]" cache_dir=runs/val \
     results_dir=results/2026-12-03-issue18-recipe output=results/2026-12-03-issue18-recipe/val.md
 }
 
