@@ -62,10 +62,10 @@ def choices_record(task: str, gold: Sequence[int], rows: Sequence[str], source: 
 
 
 def _label(payload: dict, name: str) -> str:
-    quant = payload.get("quant")
-    setting = f"{quant['w_bits']}-{quant['a_bits']}-{quant['kv_bits']}" if isinstance(quant, dict) and \
-        {"w_bits", "a_bits", "kv_bits"} <= set(quant) else "16-16-16"
-    return f"{Path(name).stem} | {setting}"
+    """'stem | W-A-KV' of a row file (an FP row has no quant section: 16-16-16)."""
+    quant = payload.get("quant") or {}
+    bits = [quant.get(key) for key in ("w_bits", "a_bits", "kv_bits")]
+    return f"{Path(name).stem} | {'16-16-16' if None in bits else '-'.join(map(str, bits))}"
 
 
 def choices_markdown(record: dict, load_results: Callable[[str], dict]) -> str:
