@@ -189,14 +189,14 @@ def run_harness(model, tok, cfg: EvalConfig) -> dict:
     return out["results"]
 
 
-def cache_key(cfg: EvalConfig) -> str:
+def cache_key(cfg: EvalConfig, fingerprint: Optional[str] = None) -> str:
     """The key results are cached under: every setting that changes a number, and the model's
-    content fingerprint (not its path); see utils/eval/cache.py."""
+    content fingerprint (not its path; `fingerprint`: one given instead of computed); see utils/eval/cache.py."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_KEY}
     if not settings["task_limits"]:
         del settings["task_limits"]  # the key of every result saved before the field existed
     settings["data_dir"] = str(resolve_data_dir(cfg.data_dir))
-    return config_hash({"eval": settings, "model": model_fingerprint(cfg.model)})
+    return config_hash({"eval": settings, "model": fingerprint or model_fingerprint(cfg.model)})
 
 
 def cached_payload(cfg: EvalConfig) -> Optional[dict]:
@@ -206,6 +206,22 @@ def cached_payload(cfg: EvalConfig) -> Optional[dict]:
     if cfg.fresh or any(t not in done for t in cfg.tasks):
         return None
     return _payload(cfg, get_quant_config_of(cfg), {t: done[t] for t in cfg.tasks}, _saved_record(cfg.output, key))
+
+
+def recorded_payload(cfg: EvalConfig) -> Optional[dict]:
+    """The results JSON at `cfg.output` of a model that is not on this machine (e.g. a student left in
+    another session's cache, its rows committed), else None. Taken only when it holds every task of
+    `cfg`, was written for the model path `cfg.model`, and its key is `cfg`'s evaluation settings with
+    the model fingerprint the file records: everything is checked but the weights, which are not here."""
+    saved = read_payload(check_output(Path(cfg.output)))
+    prov, results = saved.get("provenance", {}), saved.get("results", {})
+    fingerprint = prov.get("inputs", {}).get("model")
+    if cfg.fresh or not fingerprint or Path(str(saved.get("model"))) != Path(cfg.model):
+        return None
+    if prov.get("config_hash") != cache_key(cfg, fingerprint) or any(t not in results for t in cfg.tasks):
+        return None
+    record = {"coverage": saved.get("coverage"), "provenance": prov}
+    return _payload(cfg, saved.get("quant"), {t: results[t] for t in cfg.tasks}, record)
 
 
 def get_quant_config_of(cfg: EvalConfig) -> Optional[dict]:

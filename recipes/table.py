@@ -24,6 +24,7 @@ on generated text and on WikiText-2) come from a named variant: `ptq_overrides: 
 
 from __future__ import annotations
 
+import json
 import logging
 import operator
 import sys
@@ -39,7 +40,7 @@ from recipes.evaluate import EvalConfig
 from recipes.ptq import PTQConfig
 from utils.cli import run_entry_point
 from utils.config import to_dict, with_overrides
-from utils.eval.report import add_recovered, table_row, write_table
+from utils.eval.report import add_recovered, sources_path, table_row, write_table
 from utils.provenance import config_hash
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class TableConfig:
     results_dir: where the per-row results JSONs live (null: cache_dir/results); point it into a committed
         results/ folder to keep the rows (and their reuse by key) beside the documents that quote them.
     only_cached: leave out (with a log line) every row not yet in the cache instead of computing it.
+        (Either way, a row whose student is not on this machine is taken from its results file when that
+        file is complete under the key it records: `recorded_row`.)
     quant: base grid of the settings (granularity, kv_position, ...); bits come from `settings`.
     eval, ptq: evaluate.py's and quantize_ptq.py's schemas; `WIRED` fields are set per row.
     ptq_overrides: method -> PTQ keys that differ for that method, e.g. {gptq: {calib: wikitext2}};
@@ -140,6 +143,26 @@ def row_results(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -> O
     return payload if payload is not None or cfg.only_cached else evaluate.run(ecfg)
 
 
+def recorded_row(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -> Optional[dict]:
+    """Row `row`'s results file, complete, when its student `model` is not on this machine (students are
+    not committed; their rows are): evaluate.recorded_payload checks the path, the tasks and the key (the
+    evaluation settings with the model fingerprint the file records), never the weights. None otherwise."""
+    ecfg = replace(cfg.eval, model=model, quant=quant, output=str(rows_dir(cfg) / row_file(row)))
+    payload = evaluate.recorded_payload(ecfg)
+    if payload is not None:
+        logger.info("%s: student %s is not on this machine; row taken from %s (complete under its recorded "
+                    "key, model fingerprint %s)", row, model, ecfg.output, payload["provenance"]["inputs"]["model"])
+    return payload
+
+
+def recorded_labels(cfg: TableConfig) -> dict:
+    """results file -> row label in the table's previous sources record (`<output>.sources.json`), for
+    rows whose student (and its PTQ metadata, e.g. SmoothQuant's chosen alpha) is not on this machine."""
+    path = sources_path(cfg.output)
+    rows = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    return {r["source"]: r["method"] for r in rows if "source" in r and "method" in r}
+
+
 def base_method(cfg: TableConfig, method: str) -> str:
     """The PTQ method of a `methods` entry: itself, or a variant's `ptq_overrides.<name>.method`."""
     return str(cfg.ptq_overrides.get(method, {}).get("method", method))
@@ -172,11 +195,16 @@ def ptq_config(cfg: TableConfig, method: str, qcfg: QuantConfig) -> PTQConfig:
     return with_overrides(pcfg, cfg.ptq_overrides[method]) if method in cfg.ptq_overrides else pcfg
 
 
-def ptq_student(cfg: TableConfig, method: str, qcfg: QuantConfig, build: bool = True) -> Optional[str]:
-    """The PTQ student folder for (method, setting, PTQ config), built once (None: missing and not `build`)."""
+def ptq_student_dir(cfg: TableConfig, method: str, qcfg: QuantConfig) -> Path:
+    """Where the PTQ student for (method, setting, PTQ config) lives: named by a hash of its PTQ config."""
     pcfg = ptq_config(cfg, method, qcfg)
     key = config_hash({k: v for k, v in to_dict(pcfg).items() if k != "output_dir"})[:8]
-    out = Path(cfg.cache_dir) / "students" / f"{method}-{qcfg.tag()}-{key}"
+    return Path(cfg.cache_dir) / "students" / f"{method}-{qcfg.tag()}-{key}"
+
+
+def ptq_student(cfg: TableConfig, method: str, qcfg: QuantConfig, build: bool = True) -> Optional[str]:
+    """The PTQ student folder for (method, setting, PTQ config), built once (None: missing and not `build`)."""
+    pcfg, out = ptq_config(cfg, method, qcfg), ptq_student_dir(cfg, method, qcfg)
     if not (out / "config.json").is_file():
         if not build:
             return None
@@ -196,44 +224,71 @@ def _student_name(folder: str) -> str:
     return path.parent.name if path.name == "student" else path.name
 
 
+def _recorded_students(cfg: TableConfig, folder: str) -> list:
+    """(folder, quant config, payload) of each complete results file `qat-<name>-<tag>.json` recorded for
+    the QAT student `folder`, which is not on this machine."""
+    found = []
+    for path in sorted(rows_dir(cfg).glob(f"qat-{_student_name(folder)}-*.json")):
+        quant = json.loads(path.read_text()).get("quant")
+        qcfg = QuantConfig.from_dict(quant) if isinstance(quant, dict) else None
+        if qcfg is not None and path.name == row_file(f"qat-{_student_name(folder)}-{qcfg.tag()}"):
+            payload = recorded_row(cfg, path.stem, folder, qcfg)
+            found += [(folder, qcfg, payload)] if payload is not None else []
+    return found
+
+
 def _students(cfg: TableConfig) -> list:
+    """(folder, quant config, recorded payload or None) of each QAT student: read from its folder, or,
+    for a folder not on this machine, from its complete results files (`_recorded_students`)."""
     students = []
     for folder in cfg.qat:
+        if not Path(folder).exists() and (recorded := _recorded_students(cfg, folder)):
+            students += recorded
+            continue
         qcfg = read_quant_config(folder)
         if qcfg is None:
-            raise InputFileError(f"QAT student {folder} has no quant_config.json")
-        students.append((folder, qcfg))
+            raise InputFileError(f"QAT student {folder} has no quant_config.json (and no complete results file "
+                                 f"qat-{_student_name(folder)}-<tag>.json in {rows_dir(cfg)})")
+        students.append((folder, qcfg, None))
     return students
 
 
 def _qat_rows(cfg: TableConfig, students: list, setting: Optional[str]) -> list:
     """QAT rows at `setting` (None: those at no setting of cfg.settings)."""
     rows = []
-    for folder, qcfg in students:
+    for folder, qcfg, recorded in students:
         tag = setting_of(qcfg)
         if tag == setting or (setting is None and tag not in cfg.settings):
             name = _student_name(folder)
             row = f"qat-{name}-{qcfg.tag()}"
-            payload = row_results(cfg, row, folder, qcfg)
+            payload = recorded if recorded is not None else row_results(cfg, row, folder, qcfg)
             if payload is not None:
                 rows.append(results_row(cfg, row_label("qat", qcfg, name=name), tag, row, payload))
     return rows
 
 
 def _ptq_rows(cfg: TableConfig, setting: str) -> list:
-    rows, qcfg = [], parse_setting(setting, cfg.quant)
+    rows, qcfg, labels = [], parse_setting(setting, cfg.quant), recorded_labels(cfg)
     for method in (m for m in cfg.methods if m != "fp"):
         if not applies(base_method(cfg, method), qcfg):
             logger.info("%s does not apply at %s (activations not quantized): no row", method, setting)
             continue
         row = f"{method}{quantizer_suffix(qcfg).lower()}-{qcfg.tag()}"
-        model = cfg.model if method == "rtn" else ptq_student(cfg, method, qcfg, build=not cfg.only_cached)
-        if model is None:
-            logger.info("%s: no student built with this PTQ config, left out (only_cached)", row)
-            continue
+        model = cfg.model if method == "rtn" else ptq_student(cfg, method, qcfg, build=False)
+        pcfg = None if method == "rtn" else ptq_config(cfg, method, qcfg)
+        if model is None:  # not on this machine: its committed results file, else build it (not only_cached)
+            folder = str(ptq_student_dir(cfg, method, qcfg))
+            payload = recorded_row(cfg, row, folder, qcfg)
+            if payload is not None:
+                label = labels.get(row_file(row)) or row_label(method, qcfg, pcfg)
+                rows.append(results_row(cfg, label, setting, row, payload))
+                continue
+            if cfg.only_cached:
+                logger.info("%s: no student built with this PTQ config, left out (only_cached)", row)
+                continue
+            model = ptq_student(cfg, method, qcfg)
         payload = row_results(cfg, row, model, qcfg)
         if payload is not None:
-            pcfg = None if method == "rtn" else ptq_config(cfg, method, qcfg)
             label = row_label(method, qcfg, pcfg, meta=None if pcfg is None else ptq.read_ptq_meta(model))
             rows.append(results_row(cfg, label, setting, row, payload))
     return rows

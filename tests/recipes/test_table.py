@@ -130,3 +130,66 @@ def test_ptq_overrides_apply_to_their_method_only_and_key_its_student(tmp_path, 
     assert tables.ptq_student(cfg, "gptq", QuantConfig(w_bits=8, a_bits=8, kv_bits=8), build=False) is None
     with pytest.raises(ConfigError, match="nonsense"):
         load_config(tables.TableConfig, ["ptq_overrides={gptq: {nonsense: 1}}"])
+
+
+def _record_row(cfg, path, model, quant, fingerprint="files:0123456789abcdef", ppl=40.0, **eval_changes):
+    """A results file as evaluate.py writes it for `model` (not on this machine), under the key of
+    cfg.eval (with `eval_changes`) and the fingerprint it records."""
+    from dataclasses import replace
+
+    import recipes.evaluate
+
+    ecfg = replace(cfg.eval, model=model, quant=quant, **eval_changes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "model": model, "quant": quant.to_dict(), "coverage": None,
+        "results": {"wikitext2": {"ppl": ppl, "n": 3}},
+        "provenance": {"config_hash": recipes.evaluate.cache_key(ecfg, fingerprint),
+                       "inputs": {"model": fingerprint}}}))
+
+
+def test_rows_of_students_not_on_this_machine_come_from_their_complete_results_files(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch):
+    """Students are not committed, their rows are: a PTQ or QAT row whose student is missing is taken from its
+    results file when that file is complete under the key it records (same evaluation settings, same student
+    path), with the label of the table's previous sources record; a file under another key is not, and the
+    student is built (or, only_cached, the row left out); a QAT folder with neither is an error."""
+    import recipes.evaluate
+    import recipes.table as tables
+    from quant.errors import InputFileError
+
+    q = QuantConfig(w_bits=4, a_bits=8, kv_bits=8)
+    args = [f"model={tiny_model_dir}", "settings=[4-8-8]", "methods=[rtn,smoothquant,gptq]", "eval.tasks=[wikitext2]",
+            f"cache_dir={tmp_path / 'cache'}", f"results_dir={tmp_path / 'rows'}", f"output={tmp_path / 'table.md'}",
+            f"qat=[{tmp_path / 'gone' / 'student'}]"]
+    cfg = load_config(tables.TableConfig, args + ["only_cached=true"])
+    rows = tmp_path / "rows"
+    _record_row(cfg, rows / "rtn-W4A8KV8.json", tiny_model_dir, q, ppl=60.0)  # wrong fingerprint: RTN's model is here
+    sq_dir = str(tables.ptq_student_dir(cfg, "smoothquant", q))
+    _record_row(cfg, rows / "smoothquant-W4A8KV8.json", sq_dir, q, ppl=45.0)
+    _record_row(cfg, rows / "gptq-W4A8KV8.json", str(tables.ptq_student_dir(cfg, "gptq", q)), q, seqlen=64)  # other key
+    _record_row(cfg, rows / "qat-gone-W4A8KV8.json", str(tmp_path / "gone" / "student"), q, ppl=30.0)
+    (tmp_path / "table.sources.json").write_text(json.dumps(
+        {"rows": [{"method": "SmoothQuant (data-free, alpha=0.4 (auto))", "setting": "4-8-8",
+                   "source": "smoothquant-W4A8KV8.json"}]}))
+    monkeypatch.setattr(recipes.evaluate, "run", lambda cfg: pytest.fail("only_cached must not evaluate"))
+    monkeypatch.setattr(tables.ptq, "run", lambda *a: pytest.fail("only_cached must not build students"))
+    got = tables.run(cfg)
+    assert [(r["method"], r["wikitext2"]) for r in got] == [("SmoothQuant (data-free, alpha=0.4 (auto))", 45.0),
+                                                            ("QAT (gone, identity STE)", 30.0)]
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def build(pcfg):
+        built.append(pcfg.method)
+        raise Built
+
+    monkeypatch.setattr(tables.ptq, "run", build)
+    with pytest.raises(Built):  # not only_cached: the GPTQ row (wrong key) is built again ...
+        tables.run(load_config(tables.TableConfig, args + ["methods=[smoothquant,gptq]"]))
+    assert built == ["gptq"]  # ... and the recorded SmoothQuant row is not
+    (rows / "qat-gone-W4A8KV8.json").unlink()
+    with pytest.raises(InputFileError, match="no complete results file"):
+        tables.run(cfg)
