@@ -36,7 +36,7 @@ from models.patch import quant_coverage
 from quant.config import QuantConfig
 from quant.errors import UserError
 from utils.config import to_dict
-from utils.eval.cache import cached_results, read_payload
+from utils.eval.cache import cached_results, read_payload, recorded_results
 from utils.eval.datasets import c4_texts, resolve_data_dir, wikitext2_text
 from utils.eval.perplexity import c4_windows, perplexity, perplexity_of_windows
 from utils.eval.report import table_row, write_table
@@ -209,19 +209,13 @@ def cached_payload(cfg: EvalConfig) -> Optional[dict]:
 
 
 def recorded_payload(cfg: EvalConfig) -> Optional[dict]:
-    """The results JSON at `cfg.output` of a model that is not on this machine (e.g. a student left in
-    another session's cache, its rows committed), else None. Taken only when it holds every task of
-    `cfg`, was written for the model path `cfg.model`, and its key is `cfg`'s evaluation settings with
-    the model fingerprint the file records: everything is checked but the weights, which are not here."""
-    saved = read_payload(check_output(Path(cfg.output)))
-    prov, results = saved.get("provenance", {}), saved.get("results", {})
-    fingerprint = prov.get("inputs", {}).get("model")
-    if cfg.fresh or not fingerprint or Path(str(saved.get("model"))) != Path(cfg.model):
+    """The results JSON at `cfg.output` of a model not on this machine (a student of another session, its
+    rows committed) if it holds every task of `cfg` under its recorded key (utils/eval/cache.py), else None."""
+    done, saved = recorded_results(check_output(Path(cfg.output)), cfg.model, lambda fp: cache_key(cfg, fp))
+    if cfg.fresh or any(t not in done for t in cfg.tasks):
         return None
-    if prov.get("config_hash") != cache_key(cfg, fingerprint) or any(t not in results for t in cfg.tasks):
-        return None
-    record = {"coverage": saved.get("coverage"), "provenance": prov}
-    return _payload(cfg, saved.get("quant"), {t: results[t] for t in cfg.tasks}, record)
+    record = {"coverage": saved.get("coverage"), "provenance": saved["provenance"]}
+    return _payload(cfg, saved.get("quant"), {t: done[t] for t in cfg.tasks}, record)
 
 
 def get_quant_config_of(cfg: EvalConfig) -> Optional[dict]:

@@ -20,6 +20,9 @@ choices ("GPTQ (data-free)", "GPTQ (wikitext2, act-order)", "SmoothQuant (data-f
 ("QAT (run, identity STE)" or "QAT (run, ste_clip)"). Two rows of one method (e.g. GPTQ calibrated
 on generated text and on WikiText-2) come from a named variant: `ptq_overrides: {gptq_wikitext2:
 {method: gptq, calib: wikitext2}}` with `methods=[..., gptq, gptq_wikitext2]`.
+
+Long file: the schema, its checks and how each kind of row (FP, PTQ, QAT, and a row whose student is
+not on this machine, taken from its committed results file) is found stay together.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from recipes.evaluate import EvalConfig
 from recipes.ptq import PTQConfig
 from utils.cli import run_entry_point
 from utils.config import to_dict, with_overrides
-from utils.eval.report import add_recovered, sources_path, table_row, write_table
+from utils.eval.report import add_recovered, source_labels, table_row, write_table
 from utils.provenance import config_hash
 
 logger = logging.getLogger(__name__)
@@ -155,14 +158,6 @@ def recorded_row(cfg: TableConfig, row: str, model: str, quant: QuantConfig) -> 
     return payload
 
 
-def recorded_labels(cfg: TableConfig) -> dict:
-    """results file -> row label in the table's previous sources record (`<output>.sources.json`), for
-    rows whose student (and its PTQ metadata, e.g. SmoothQuant's chosen alpha) is not on this machine."""
-    path = sources_path(cfg.output)
-    rows = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
-    return {r["source"]: r["method"] for r in rows if "source" in r and "method" in r}
-
-
 def base_method(cfg: TableConfig, method: str) -> str:
     """The PTQ method of a `methods` entry: itself, or a variant's `ptq_overrides.<name>.method`."""
     return str(cfg.ptq_overrides.get(method, {}).get("method", method))
@@ -268,7 +263,7 @@ def _qat_rows(cfg: TableConfig, students: list, setting: Optional[str]) -> list:
 
 
 def _ptq_rows(cfg: TableConfig, setting: str) -> list:
-    rows, qcfg, labels = [], parse_setting(setting, cfg.quant), recorded_labels(cfg)
+    rows, qcfg, labels = [], parse_setting(setting, cfg.quant), source_labels(cfg.output)
     for method in (m for m in cfg.methods if m != "fp"):
         if not applies(base_method(cfg, method), qcfg):
             logger.info("%s does not apply at %s (activations not quantized): no row", method, setting)

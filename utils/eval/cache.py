@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 
 def read_payload(path) -> dict:
@@ -24,3 +25,14 @@ def cached_results(path, key: str) -> dict:
     """task -> metrics from the results JSON at `path` if it was written under `key`, else {}."""
     payload = read_payload(path)
     return dict(payload.get("results", {})) if payload.get("provenance", {}).get("config_hash") == key else {}
+
+
+def recorded_results(path, model: str, key_for: Callable[[str], str]) -> tuple[dict, dict]:
+    """(task -> metrics, the whole JSON) at `path` for a model that is not on this machine: only if the
+    file was written for the model path `model` under the key `key_for(fingerprint)`, with the model
+    fingerprint it records (every setting checked, the weights not); else ({}, {})."""
+    payload = read_payload(path)
+    fingerprint = payload.get("provenance", {}).get("inputs", {}).get("model")
+    if not fingerprint or Path(str(payload.get("model"))) != Path(model):
+        return {}, {}
+    return cached_results(path, key_for(fingerprint)), payload

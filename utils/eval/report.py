@@ -309,6 +309,14 @@ def write_table(rows: list, tasks: Sequence[str], path, notes: Sequence[str] = (
     return text
 
 
+def source_labels(path) -> dict:
+    """results file -> row label in the sources record of the table at `path` ({} when it has none): the
+    label of a row whose student (e.g. SmoothQuant's chosen alpha in its metadata) is not on this machine."""
+    record = sources_path(path)
+    rows = json.loads(record.read_text()).get("rows", []) if record.is_file() else []
+    return {r["source"]: r["method"] for r in rows if "source" in r and "method" in r}
+
+
 def rebuild_table(sources: dict, load_results: Callable[[str], dict]) -> str:
     """The markdown table `write_table` wrote, recomputed from its sources record (`sources_path`) and the
     results files it names (`load_results(file name)` -> the evaluation's JSON, with `results`)."""
