@@ -27,7 +27,6 @@ not on this machine, taken from its committed results file) is found stay togeth
 
 from __future__ import annotations
 
-import json
 import logging
 import operator
 import sys
@@ -43,6 +42,7 @@ from recipes.evaluate import EvalConfig
 from recipes.ptq import PTQConfig
 from utils.cli import run_entry_point
 from utils.config import to_dict, with_overrides
+from utils.eval.cache import read_payload
 from utils.eval.report import add_recovered, source_labels, table_row, write_table
 from utils.provenance import config_hash
 
@@ -222,11 +222,11 @@ def _student_name(folder: str) -> str:
 def _recorded_students(cfg: TableConfig, folder: str) -> list:
     """(folder, quant config, payload) of each complete results file `qat-<name>-<tag>.json` recorded for
     the QAT student `folder`, which is not on this machine."""
-    found = []
-    for path in sorted(rows_dir(cfg).glob(f"qat-{_student_name(folder)}-*.json")):
-        quant = json.loads(path.read_text()).get("quant")
+    found, name = [], _student_name(folder)
+    for path in sorted(rows_dir(cfg).glob(f"qat-{name}-*.json")):
+        quant = read_payload(path).get("quant")
         qcfg = QuantConfig.from_dict(quant) if isinstance(quant, dict) else None
-        if qcfg is not None and path.name == row_file(f"qat-{_student_name(folder)}-{qcfg.tag()}"):
+        if qcfg is not None and path.name == row_file(f"qat-{name}-{qcfg.tag()}"):
             payload = recorded_row(cfg, path.stem, folder, qcfg)
             found += [(folder, qcfg, payload)] if payload is not None else []
     return found

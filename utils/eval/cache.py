@@ -32,7 +32,10 @@ def recorded_results(path, model: str, key_for: Callable[[str], str]) -> tuple[d
     file was written for the model path `model` under the key `key_for(fingerprint)`, with the model
     fingerprint it records (every setting checked, the weights not); else ({}, {})."""
     payload = read_payload(path)
-    fingerprint = payload.get("provenance", {}).get("inputs", {}).get("model")
+    prov = payload.get("provenance", {})
+    fingerprint = prov.get("inputs", {}).get("model")
     if not fingerprint or Path(str(payload.get("model"))) != Path(model):
         return {}, {}
-    return cached_results(path, key_for(fingerprint)), payload
+    if prov.get("config_hash") != key_for(fingerprint):
+        return {}, {}
+    return dict(payload.get("results", {})), payload
