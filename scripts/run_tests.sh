@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export LLMQAT_DATA_DIR="${LLMQAT_DATA_DIR:-$(cd .. && pwd)/shared/data}"
+# The shared evaluation data beside the checkout, when it is there (tests that need it skip otherwise).
+if [ -z "${LLMQAT_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
+  export LLMQAT_DATA_DIR="$(cd ../shared/data && pwd)"
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
 exec .venv/bin/python -m pytest -q -m "slow or not slow" "$@"
