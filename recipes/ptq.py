@@ -40,9 +40,10 @@ from quant.errors import UserError
 from quant.gptq import gptq_model
 from quant.smoothquant import activation_absmax, smooth_model, smoothed_tensors
 from utils.config import save_config, to_dict
-from utils.data.calibration import calibration_source, calibration_split, calibration_windows
+from utils.data.calibration import (TEXT_SOURCES, calibration_record, calibration_source, calibration_split,
+                                    calibration_windows)
 from utils.logging import progress_disabled
-from utils.provenance import data_fingerprint, provenance
+from utils.provenance import data_fingerprint, differing_keys, provenance
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,28 @@ def read_ptq_meta(folder) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def student_inputs(cfg: PTQConfig) -> dict:
+    """What a PTQ student is made from: the model's fingerprint and (not RTN) the calibration record
+    (source, split, data fingerprint or hub dataset: utils/data/calibration.calibration_record)."""
+    inputs = {"model": model_fingerprint(cfg.model)}
+    if cfg.method != "rtn":
+        inputs["calibration"] = calibration_record(cfg.calib, cfg.data_dir)
+    return inputs
+
+
+def stale_inputs(folder, cfg: PTQConfig) -> list[str]:
+    """Dotted names of the inputs that the PTQ student in `folder` was built from and that differ from
+    what `cfg` uses now ([] when it may be reused). A student saved before calibration records were
+    kept records a JSONL's sha256 only: compared on that; one calibrated on WikiText-2 / C4 then recorded
+    no split or data, so it is stale (its split depended on whether a data directory resolved)."""
+    recorded = dict(read_ptq_meta(folder).get("provenance", {}).get("inputs", {}))
+    now = student_inputs(cfg)
+    old = recorded.get("calibration")
+    if isinstance(old, str) and cfg.calib not in TEXT_SOURCES and old == data_fingerprint(cfg.calib):
+        recorded["calibration"] = now["calibration"]
+    return differing_keys(recorded, now)
+
+
 def label_notes(cfg: PTQConfig, meta: Optional[dict] = None) -> list[str]:
     """What distinguishes this PTQ student in a table row: calibration source and the method's
     choices, e.g. ["data-free", "alpha=0.8 (auto)"] or ["wikitext2", "act-order"]."""
@@ -212,13 +235,11 @@ def run(cfg: PTQConfig) -> Path:
     with torch.no_grad():
         chosen = apply_method(model, tok, cfg)
     quantize_model(model, cfg.quant)
-    inputs = {"model": model_fingerprint(cfg.model)}
-    if cfg.method != "rtn" and Path(cfg.calib).is_file():
-        inputs["calibration"] = data_fingerprint(cfg.calib)
+    inputs = student_inputs(cfg)
     meta = {"method": cfg.method, "ptq": to_dict(cfg), **chosen,
             "provenance": provenance(cfg, inputs=inputs, tokenizer=tok)}
     if cfg.method != "rtn":
-        meta["calibration"] = {"source": calibration_source(cfg.calib)}
+        meta["calibration"] = inputs["calibration"]
     out = save_model(model, tok, cfg.output_dir, extra=meta)
     save_config(cfg, out / "ptq_config.yaml")
     logger.info("saved %s %s student (%s) to %s", cfg.method, cfg.quant.tag(), ", ".join(label_notes(cfg, meta)), out)

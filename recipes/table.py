@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -198,12 +199,20 @@ def ptq_student_dir(cfg: TableConfig, method: str, qcfg: QuantConfig) -> Path:
 
 
 def ptq_student(cfg: TableConfig, method: str, qcfg: QuantConfig, build: bool = True) -> Optional[str]:
-    """The PTQ student folder for (method, setting, PTQ config), built once (None: missing and not `build`)."""
+    """The PTQ student folder for (method, setting, PTQ config), built once and reused while it was built
+    from the inputs used now (model fingerprint, calibration record: ptq.stale_inputs); a stale one is
+    rebuilt, or not used when not `build` (None: missing or stale, and not `build`)."""
     pcfg, out = ptq_config(cfg, method, qcfg), ptq_student_dir(cfg, method, qcfg)
-    if not (out / "config.json").is_file():
-        if not build:
-            return None
-        ptq.run(replace(pcfg, output_dir=str(out)))
+    if (out / "config.json").is_file():
+        stale = ptq.stale_inputs(out, pcfg)
+        if not stale:
+            return str(out)
+        logger.warning("%s was built from other inputs than now (%s differ): %s", out, ", ".join(stale),
+                       "rebuilding it" if build else "not used")
+    if not build:
+        return None
+    shutil.rmtree(out, ignore_errors=True)  # a stale or half-written folder (no meta counts as stale)
+    ptq.run(replace(pcfg, output_dir=str(out)))
     return str(out)
 
 

@@ -241,3 +241,29 @@ def test_gptq_cli_one_pass_option_and_its_label(tiny_model_dir, tmp_path):
     assert json.loads((out / "llmqat_meta.json").read_text())["ptq"]["gptq_true_sequential"] is False
     assert label_notes(load_config(PTQConfig, args)) == ["data-free", "one-pass", "act-order"]
     assert label_notes(load_config(PTQConfig, ["method=gptq", "calib=wikitext2"])) == ["wikitext2"]
+
+
+def test_calibration_record_names_split_and_data_and_follows_the_data_directory(tmp_path, monkeypatch, data_dir):
+    """The record a PTQ student keeps of its calibration text: a JSONL's content fingerprint; WikiText-2's
+    split, which is validation with a local data directory and train from the hub (so the two never
+    share a cached student), and C4's file."""
+    from quant.errors import InputFileError
+    from utils.data.calibration import calibration_record
+    from utils.eval.datasets import DATA_DIR_ENV
+
+    calib = write_generated(tmp_path / "gen.jsonl")
+    record = calibration_record(calib)
+    assert record["source"] == "data-free" and record["data"].startswith("file:")
+    write_generated(tmp_path / "gen.jsonl", n=3)
+    assert calibration_record(calib)["data"] != record["data"]  # other content, other record
+    with pytest.raises(InputFileError, match="calibration data not found"):
+        calibration_record(str(tmp_path / "missing.jsonl"))
+    local = calibration_record("wikitext2", str(data_dir))
+    assert local["split"] == "validation" and local["data"].startswith("file:")
+    assert calibration_record("c4", str(data_dir))["data"].startswith("file:")
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    assert calibration_record("wikitext2") == {"source": "wikitext2", "split": "train",
+                                               "data": "hub:wikitext:wikitext-2-raw-v1"}
+    assert calibration_record("c4")["data"].startswith("hub:allenai/c4")
+    monkeypatch.setenv(DATA_DIR_ENV, str(data_dir))
+    assert calibration_record("wikitext2") == local

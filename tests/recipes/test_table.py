@@ -193,3 +193,48 @@ def test_rows_of_students_not_on_this_machine_come_from_their_complete_results_f
     (rows / "qat-gone-W4A8KV8.json").unlink()
     with pytest.raises(InputFileError, match="no complete results file"):
         tables.run(cfg)
+
+
+def test_a_cached_ptq_student_is_reused_only_while_built_from_the_same_inputs(tiny_model_dir, data_dir, tmp_path,
+                                                                              monkeypatch):
+    """A PTQ student folder is named by its PTQ config; its llmqat_meta records what it was made from (model
+    fingerprint, calibration record). New calibration data under the same path rebuilds it (only_cached:
+    not used); a student saved before calibration records (a JSONL's sha256) is reused when that matches;
+    a WikiText-2-calibrated one from then records no split, so it is stale."""
+    import shutil
+
+    import recipes.table as tables
+    from utils.provenance import data_fingerprint
+
+    calib = tmp_path / "gen.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": f"calibration text number {i}", "start_id": i})
+                               for i in range(30)) + "\n")
+    cfg = load_config(tables.TableConfig, [f"model={tiny_model_dir}", f"ptq.calib={calib}", "ptq.calib_samples=2",
+                                           "ptq.calib_seqlen=16", f"eval.data_dir={data_dir}",
+                                           f"cache_dir={tmp_path / 'cache'}", f"output={tmp_path / 'table.md'}"])
+    q, built, real_run = QuantConfig(w_bits=4, a_bits=8, kv_bits=8), [], tables.ptq.run
+    monkeypatch.setattr(tables.ptq, "run", lambda pcfg: built.append(pcfg.output_dir) or real_run(pcfg))
+    folder = tables.ptq_student(cfg, "gptq", q)
+    assert tables.ptq_student(cfg, "gptq", q) == folder and len(built) == 1  # reused
+    meta_file = tables.Path(folder) / "llmqat_meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["calibration"]["source"] == "data-free" and meta["provenance"]["inputs"]["calibration"]["data"]
+    meta["provenance"]["inputs"]["calibration"] = data_fingerprint(calib)  # as saved before calibration records
+    meta_file.write_text(json.dumps(meta))
+    assert tables.ptq_student(cfg, "gptq", q) == folder and len(built) == 1
+    calib.write_text(calib.read_text().replace("number", "no."))  # other data under the same path
+    assert tables.ptq.stale_inputs(folder, tables.ptq_config(cfg, "gptq", q)) == ["calibration"]
+    assert tables.ptq_student(cfg, "gptq", q, build=False) is None
+    assert tables.ptq_student(cfg, "gptq", q) == folder and len(built) == 2  # rebuilt in place
+    assert tables.ptq.stale_inputs(folder, tables.ptq_config(cfg, "gptq", q)) == []
+
+    wiki = load_config(tables.TableConfig, [f"model={tiny_model_dir}", "ptq.calib=wikitext2",
+                                            f"eval.data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}"])
+    old = tables.ptq_student_dir(wiki, "gptq", q)
+    shutil.copytree(folder, old)
+    meta = json.loads((old / "llmqat_meta.json").read_text())
+    meta["calibration"] = {"source": "wikitext2"}
+    del meta["provenance"]["inputs"]["calibration"]  # Path("wikitext2") was no file: nothing was recorded
+    (old / "llmqat_meta.json").write_text(json.dumps(meta))
+    assert tables.ptq.stale_inputs(old, tables.ptq_config(wiki, "gptq", q)) == ["calibration"]
+    assert tables.ptq_student(wiki, "gptq", q, build=False) is None and len(built) == 2

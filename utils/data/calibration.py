@@ -11,6 +11,10 @@ has no train split) and the C4 validation subset, which the C4 perplexity also s
 (for choosing a hyperparameter such as SmoothQuant's alpha on text the fit never saw) and draws the
 random windows from the rest. `calibration_source` names the data for table rows: `data-free` (a
 JSONL of generated records, which carry `start_id`), `wikitext2`, `c4`, or the file's name.
+`calibration_record` says what the stream is made of (source, split, the local file's content
+fingerprint or the hub dataset): PTQ students record it, and a cached student whose record differs
+from the current one is rebuilt (recipes/table.py), so a student calibrated on the hub's WikiText-2
+*train* split is never reused where a local data directory gives *validation*.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from typing import Optional
 
 import torch
 
+from models.loading import file_fingerprint
 from quant.errors import InputFileError, UserError
-from utils.eval.datasets import c4_texts, resolve_data_dir, wikitext2_text
+from utils.eval.datasets import C4_LOCAL_SUBSET, c4_texts, local_file, resolve_data_dir, wikitext2_text
 from utils.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
 TEXT_SOURCES = ("wikitext2", "c4")
+C4_HUB_FILE = "allenai/c4:en/c4-validation.00000-of-00008.json.gz"
 
 
 def _jsonl_stream(path: str, tokenizer) -> list:
@@ -46,10 +52,15 @@ def _jsonl_stream(path: str, tokenizer) -> list:
     return ids
 
 
+def wikitext2_calibration_split(data_dir: Optional[str]) -> str:
+    """`train` from the hub; `validation` with a local data directory (the local copy has no train split)."""
+    return "validation" if resolve_data_dir(data_dir) is not None else "train"
+
+
 def _text_stream(name: str, tokenizer, data_dir: Optional[str]) -> list:
     if name == "c4":
         return tokenizer.encode("\n\n".join(c4_texts(data_dir)), add_special_tokens=False)
-    split = "validation" if resolve_data_dir(data_dir) is not None else "train"
+    split = wikitext2_calibration_split(data_dir)
     logger.info("calibrating on WikiText-2 %s", split)
     return tokenizer.encode(wikitext2_text(split, data_dir), add_special_tokens=False)
 
@@ -68,6 +79,28 @@ def calibration_source(calib: str) -> str:
     except (OSError, ValueError):
         first = {}
     return "data-free" if "start_id" in first else Path(calib).name
+
+
+def calibration_record(calib: str, data_dir: Optional[str] = None) -> dict:
+    """What the calibration stream of `calib` is made of: {"source", "data"} for a JSONL (its content
+    fingerprint), {"source", "split", "data"} for WikiText-2 / C4, where "data" is the local file's
+    content fingerprint or `hub:<dataset>` (the data directory resolves as in utils/eval/datasets.py).
+
+    Raises:
+        InputFileError: the JSONL, the data directory or its file does not exist.
+    """
+    if calib not in TEXT_SOURCES:
+        if not Path(calib).is_file():
+            raise InputFileError(f"calibration data not found: {calib} (generate it, or set calib=wikitext2 / c4)")
+        return {"source": calibration_source(calib), "data": "file:" + file_fingerprint(Path(calib))[:16]}
+    local = resolve_data_dir(data_dir)
+    if calib == "wikitext2":
+        split = wikitext2_calibration_split(data_dir)
+        where = f"wikitext2/{split}.jsonl" if local is not None else "wikitext:wikitext-2-raw-v1"
+    else:
+        split, where = "validation", C4_LOCAL_SUBSET if local is not None else C4_HUB_FILE
+    data = "file:" + file_fingerprint(local_file(local, where))[:16] if local is not None else "hub:" + where
+    return {"source": calib, "split": split, "data": data}
 
 
 def _warn_coverage(ids: list, calib: str, samples: int, seqlen: int, min_tokens: int) -> None:

@@ -15,6 +15,7 @@ from quant.errors import InputFileError
 from utils.io import read_jsonl
 
 DATA_DIR_ENV = "LLMQAT_DATA_DIR"
+C4_LOCAL_SUBSET = "c4/validation_subset_2000.jsonl"
 
 
 def resolve_data_dir(data_dir: Optional[str]) -> Optional[Path]:
@@ -59,7 +60,7 @@ def c4_texts(data_dir: Optional[str] = None) -> list[str]:
     """C4 (en) validation documents (local: the 2000-document subset of shared/data)."""
     local = resolve_data_dir(data_dir)
     if local is not None:
-        return [row["text"] for row in read_jsonl(local_file(local, "c4/validation_subset_2000.jsonl"))]
+        return [row["text"] for row in read_jsonl(local_file(local, C4_LOCAL_SUBSET))]
     from datasets import load_dataset
 
     files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
