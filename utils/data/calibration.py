@@ -28,13 +28,13 @@ import torch
 
 from models.loading import file_fingerprint
 from quant.errors import InputFileError, UserError
-from utils.eval.datasets import C4_LOCAL_SUBSET, c4_texts, local_file, resolve_data_dir, wikitext2_text
+from utils.eval.datasets import C4_HUB, C4_LOCAL_SUBSET, c4_texts, local_file, resolve_data_dir, wikitext2_text
 from utils.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
 TEXT_SOURCES = ("wikitext2", "c4")
-C4_HUB_FILE = "allenai/c4:en/c4-validation.00000-of-00008.json.gz"
+C4_HUB_FILE = ":".join(C4_HUB)
 
 
 def _jsonl_stream(path: str, tokenizer) -> list:

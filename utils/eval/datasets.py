@@ -16,6 +16,7 @@ from utils.io import read_jsonl
 
 DATA_DIR_ENV = "LLMQAT_DATA_DIR"
 C4_LOCAL_SUBSET = "c4/validation_subset_2000.jsonl"
+C4_HUB = ("allenai/c4", "en/c4-validation.00000-of-00008.json.gz")  # (dataset, the validation file read)
 
 
 def resolve_data_dir(data_dir: Optional[str]) -> Optional[Path]:
@@ -63,5 +64,4 @@ def c4_texts(data_dir: Optional[str] = None) -> list[str]:
         return [row["text"] for row in read_jsonl(local_file(local, C4_LOCAL_SUBSET))]
     from datasets import load_dataset
 
-    files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
-    return list(load_dataset("allenai/c4", data_files=files, split="validation")["text"])
+    return list(load_dataset(C4_HUB[0], data_files={"validation": C4_HUB[1]}, split="validation")["text"])
